@@ -1,0 +1,153 @@
+"""``Manifest``: the JSON description of one restore point (``manifest.json``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from engine.errors import CorruptionError, RepositoryError
+
+MANIFEST_FORMAT = 1
+
+Mode = Literal["full", "incremental"]
+Consistency = Literal["filesystem", "application", "crash", "n/a"]
+Verified = Literal["full", "quick"]
+MODES = ("full", "incremental")
+CONSISTENCIES = ("filesystem", "application", "crash", "n/a")
+VERIFIED = ("full", "quick")
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class DiskEntry:
+    """One disk of a restore point and the facts of how it was copied."""
+
+    name: str
+    virtual_size: int
+    index_file: str = ""
+    chunks: int = 0
+    zero_chunks: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    chunks_new: int = 0
+    chunks_reused: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    full_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Manifest:
+    backup_id: str
+    vm: str
+    chunk_size: int
+    mode: Mode = "full"
+    parent: str | None = None
+    created: str = field(default_factory=utc_now_iso)
+    consistency: Consistency = "crash"
+    quiesced: bool | None = None
+    freeze_ms: float | None = None
+    disks: list[DiskEntry] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    verified: Verified = "quick"
+    format: int = MANIFEST_FORMAT
+
+    def disk(self, name: str) -> DiskEntry:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def disk_names(self) -> list[str]:
+        return [d.name for d in self.disks]
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(d.virtual_size for d in self.disks)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # stable, readable key order: format first
+        return {"format": d.pop("format"), **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, *, name: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise CorruptionError(f"{name}: not a JSON object")
+        fmt = d.get("format")
+        if not isinstance(fmt, int):
+            raise CorruptionError(f"{name}: no format number")
+        if fmt > MANIFEST_FORMAT:
+            raise RepositoryError(
+                f"{name}: manifest format {fmt} is newer than this snapferry supports "
+                f"({MANIFEST_FORMAT}); upgrade snapferry"
+            )
+        try:
+            disks_raw = d["disks"]
+            if not isinstance(disks_raw, list):
+                raise TypeError("disks is not a list")
+            disks = [_build(DiskEntry, x) for x in disks_raw]
+            known = {f.name for f in fields(cls)} - {"disks"}
+            m = cls(disks=disks, **{k: v for k, v in d.items() if k in known})
+            _check(m)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptionError(f"{name}: invalid manifest ({e})") from None
+        return m
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, name: str = "manifest") -> Manifest:
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptionError(f"{name}: not valid JSON ({e})") from None
+        return cls.from_dict(d, name=name)
+
+
+def _build(cls: type[DiskEntry], x: Any) -> DiskEntry:
+    if not isinstance(x, dict):
+        raise TypeError("disk entry is not an object")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in x.items() if k in known})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(m: Manifest) -> None:
+    if not isinstance(m.backup_id, str) or not m.backup_id:
+        raise ValueError("backup_id")
+    if not isinstance(m.vm, str) or not m.vm:
+        raise ValueError("vm")
+    if not _is_int(m.chunk_size) or m.chunk_size <= 0:
+        raise ValueError("chunk_size")
+    if m.mode not in MODES:
+        raise ValueError(f"mode {m.mode!r}")
+    if m.consistency not in CONSISTENCIES:
+        raise ValueError(f"consistency {m.consistency!r}")
+    if m.verified not in VERIFIED:
+        raise ValueError(f"verified {m.verified!r}")
+    if m.parent is not None and not isinstance(m.parent, str):
+        raise ValueError("parent")
+    if not isinstance(m.extra, dict):
+        raise ValueError("extra")
+    seen: set[str] = set()
+    for dk in m.disks:
+        if not isinstance(dk.name, str) or not dk.name or dk.name in seen:
+            raise ValueError(f"disk name {dk.name!r}")
+        seen.add(dk.name)
+        if not _is_int(dk.virtual_size) or dk.virtual_size < 0:
+            raise ValueError(f"disk {dk.name}: virtual_size")
+        if not isinstance(dk.index_file, str) or "/" in dk.index_file or (
+            dk.index_file.startswith(".")
+        ):
+            raise ValueError(f"disk {dk.name}: index_file {dk.index_file!r}")

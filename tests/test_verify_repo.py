@@ -1,0 +1,119 @@
+"""verify_repo / repo_info: healthy repos pass; damage is found and traced to the restore
+points it affects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from store_helpers import backup_image, chunks_of, make_mixed_image, overwrite_random
+
+from engine.errors import RepositoryError
+from engine.store import Manifest, Repository
+from engine.verify import repo_info, verify_repo
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def two_points(tmp_path: Path) -> tuple[Repository, Manifest, Manifest]:
+    repo = Repository.init(tmp_path / "repo", chunk_size=128 << 10)
+    img = tmp_path / "d.img"
+    make_mixed_image(img, 8 * MiB)
+    full = backup_image(repo, {"sda": img})
+    offs = overwrite_random(img, 6)
+    inc = backup_image(repo, {"sda": img}, parent=full,
+                       changed={"sda": chunks_of(offs, 64 << 10, repo.chunk_size)})
+    return repo, full, inc
+
+
+def _damage(repo: Repository, cid: bytes, *, truncate: bool = False) -> None:
+    p = Path(repo.store.path_of(cid))
+    os.chmod(p, 0o644)
+    raw = bytearray(p.read_bytes())
+    if truncate:
+        raw = raw[:-7]
+    else:
+        raw[-1] ^= 0x80
+    p.write_bytes(bytes(raw))
+
+
+def test_healthy_repo(two_points: tuple[Repository, Manifest, Manifest]) -> None:
+    repo, full, inc = two_points
+    for read_data in (False, True):
+        rep = verify_repo(repo, None, read_data=read_data)
+        assert rep.ok and rep.problems == [] and rep.bad_chunks == []
+        assert sorted(rep.backups_checked) == sorted([full.backup_id, inc.backup_id])
+        all_ids = repo.load_index(full.backup_id, "sda").unique_ids() | repo.load_index(
+            inc.backup_id, "sda").unique_ids()
+        assert rep.chunks_checked == len(all_ids)
+    assert rep.bytes_read > 0
+    j = rep.to_json()
+    assert j["ok"] is True and j["read_data"] is True
+
+
+def test_bad_chunk_traced_to_restore_points(
+    two_points: tuple[Repository, Manifest, Manifest],
+) -> None:
+    repo, full, inc = two_points
+    ids_full = repo.load_index(full.backup_id, "sda").unique_ids()
+    ids_inc = repo.load_index(inc.backup_id, "sda").unique_ids()
+    shared = sorted(ids_full & ids_inc)[0]
+    only_inc = sorted(ids_inc - ids_full)[0]
+    _damage(repo, shared)
+    _damage(repo, only_inc)
+    quick = verify_repo(repo, None, read_data=False)
+    assert quick.ok, "a payload bit flip keeps the header valid: only read_data sees it"
+    rep = verify_repo(repo, None, read_data=True)
+    assert not rep.ok
+    bad = {b.id: b.affects for b in rep.bad_chunks}
+    assert bad == {
+        shared.hex(): sorted([full.backup_id, inc.backup_id]),
+        only_inc.hex(): [inc.backup_id],
+    }
+    assert rep.bad_backups == sorted([full.backup_id, inc.backup_id])
+    assert any(shared.hex() in p and full.backup_id in p for p in rep.problems)
+    one = verify_repo(repo, full.backup_id, read_data=True)
+    assert [b.id for b in one.bad_chunks] == [shared.hex()]
+    assert one.backups_checked == [full.backup_id]
+
+
+def test_quick_verify_finds_missing_and_truncated(
+    two_points: tuple[Repository, Manifest, Manifest],
+) -> None:
+    repo, full, _inc = two_points
+    ids = sorted(repo.load_index(full.backup_id, "sda").unique_ids())
+    repo.store.delete(ids[0])
+    _damage(repo, ids[1], truncate=True)
+    rep = verify_repo(repo, None, read_data=False)
+    reasons = {b.id: b.reason for b in rep.bad_chunks}
+    assert "missing" in reasons[ids[0].hex()]
+    assert "header says" in reasons[ids[1].hex()]
+    assert full.backup_id in rep.bad_backups
+
+
+def test_bad_manifest_and_index(two_points: tuple[Repository, Manifest, Manifest]) -> None:
+    repo, full, inc = two_points
+    (repo.backup_dir(full.backup_id) / "manifest.json").write_text("{broken")
+    idx_path = repo.backup_dir(inc.backup_id) / "sda.idx"
+    idx_path.write_bytes(idx_path.read_bytes()[:-16])
+    rep = verify_repo(repo, None, read_data=False)
+    assert not rep.ok
+    assert rep.bad_backups == sorted([full.backup_id, inc.backup_id])
+    assert any(full.backup_id in p and "JSON" in p for p in rep.problems)
+    assert any(inc.backup_id in p and "index" in p for p in rep.problems)
+    with pytest.raises(RepositoryError, match="no restore point"):
+        verify_repo(repo, "20000101T000000Z-dead", read_data=False)
+
+
+def test_repo_info(two_points: tuple[Repository, Manifest, Manifest]) -> None:
+    repo, full, inc = two_points
+    info = repo_info(repo)
+    assert info["chunks"] == len(list(repo.store.iterate()))
+    assert info["logical_bytes"] == 2 * 8 * MiB
+    assert [p["backup_id"] for p in info["restore_points"]] == [full.backup_id, inc.backup_id]
+    # the incremental shares almost every chunk with the full: dedup well above 1.5
+    assert info["dedup_ratio"] > 1.5
+    assert info["compression_ratio"] > 1.0
+    assert info["size_on_disk"] >= info["chunk_bytes_stored"]
