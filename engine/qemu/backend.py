@@ -1,0 +1,707 @@
+"""``QemuHypervisor``: the QEMU backend of the ``Hypervisor`` seam (QMP + guest agent).
+
+Strategy (DESIGN.md section 3, the overlay path):
+
+* snapshot: ONE QMP ``transaction`` over all disks: per disk a fresh persistent dirty
+  bitmap ``snapferry-<stamp>`` on the BASE node, for an incremental the
+  ``block-dirty-bitmap-disable`` of the parent's bitmap, and a
+  ``blockdev-snapshot-sync`` to a qcow2 overlay in ``work_dir`` (node ``sf-ovl-<i>``).
+  The guest writes into the overlay from then on; the base holds the point in time.
+* export: QEMU's own NBD server (see ``_export_disk`` for why), read-only, with the
+  parent's (now frozen) bitmap for an incremental.
+* commit: active ``block-commit`` of each overlay into its base, ``block-job-complete``
+  at READY. The writes made during the backup reach the base through the commit and
+  are recorded by the fresh bitmap: it is the next incremental's parent bitmap.
+* finalize: success drops the parent's bitmap; failure merges the fresh bitmap into
+  the parent's and re-enables it, so the next incremental cannot miss a write.
+
+Everything this backend creates in QEMU carries a recognisable name (``sf-ovl-*``
+nodes, ``sf-exp-*`` exports, ``sf-commit-*`` jobs, ``snapferry-*`` bitmaps) and the
+little state QEMU cannot tell (a freeze we issued, an NBD server we started) is kept in
+``work_dir/qemu-state.json``, so ``cleanup()`` also works from a fresh process after a
+crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import HypervisorError, QuiesceError, SnapferryError
+from engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
+from engine.progress import NullProgress, Progress
+from engine.qemu.agent import AgentError, AgentTimeout, GuestAgent
+from engine.qemu.qmp import Event, Qmp, QmpCommandError, QmpConnectionError
+from engine.source import DiskSource
+
+BITMAP_PREFIX = "snapferry-"
+OVERLAY_NODE_PREFIX = "sf-ovl-"
+EXPORT_PREFIX = "sf-exp-"
+JOB_PREFIX = "sf-commit-"
+OVERLAY_SUFFIX = ".sf-overlay.qcow2"
+
+SourceOpener = Callable[[str, str | None], DiskSource]
+
+
+def default_source_opener(uri: str, bitmap: str | None) -> DiskSource:
+    """Open the project's NBD client on an export (``bitmap``: dirty-bitmap context)."""
+    from engine.sources.nbd import NbdSource
+
+    src: DiskSource = NbdSource.open(uri, bitmap=bitmap)
+    return src
+
+
+@dataclass
+class _Disk:
+    name: str  # device id ("disk0"): the name restore points file the disk under
+    index: int
+    node: str  # base (format) node name
+    file: str  # base image filename
+    size: int
+    # per-round state
+    overlay_node: str | None = None
+    overlay_file: Path | None = None
+    new_bitmap: str | None = None
+    parent_bitmap: str | None = None  # parent's bitmap present on the node, if any
+    incremental: bool = False
+    full_reason: str | None = None
+    export_id: str | None = None
+
+
+def _disk_name(entry: dict[str, Any], node: str) -> str:
+    if entry.get("device"):
+        return str(entry["device"])
+    qdev = str(entry.get("qdev", ""))
+    if qdev.startswith("/machine/peripheral/"):
+        return qdev.split("/")[3]
+    return node
+
+
+def _merge_ranges(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, length in ranges:
+        if length <= 0:
+            continue
+        if out and out[-1][0] + out[-1][1] >= off:
+            start = out[-1][0]
+            out[-1] = (start, max(out[-1][0] + out[-1][1], off + length) - start)
+        else:
+            out.append((off, length))
+    return out
+
+
+class QemuHypervisor:
+    def __init__(
+        self,
+        qmp_socket: str,
+        agent_socket: str | None,
+        *,
+        work_dir: Path | str,
+        name: str | None = None,
+        agent_timeout: float = 10.0,
+        progress: Progress | None = None,
+        commit_timeout: float = 3600.0,
+        source_opener: SourceOpener | None = None,
+    ) -> None:
+        self.qmp_socket = qmp_socket
+        self.agent_socket = agent_socket
+        self.work_dir = Path(work_dir)
+        self.name = name
+        self.agent_timeout = agent_timeout
+        self.progress: Progress = progress if progress is not None else NullProgress()
+        self.commit_timeout = commit_timeout
+        self._open_source = source_opener or default_source_opener
+        self._qmp = Qmp(qmp_socket)
+        self._agent: GuestAgent | None = None
+        self._disks: list[_Disk] = []
+        self._frozen_count: int | None = None
+        self._freeze_t0: float | None = None
+        self._sources: list[DiskSource] = []
+        self._snapshotted = False
+        self._finalized = False
+        self.stats: dict[str, float] = {}
+
+    # -- persistent state (survives a crashed process) -------------------------------
+    @property
+    def _state_file(self) -> Path:
+        return self.work_dir / "qemu-state.json"
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._state_file.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _set_state(self, **kv: Any) -> None:
+        st = self._state()
+        st.update(kv)
+        st = {k: v for k, v in st.items() if v}
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st))
+        tmp.replace(self._state_file)
+
+    @property
+    def _nbd_socket(self) -> Path:
+        path = self.work_dir.resolve() / "nbd.sock"
+        if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
+            digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+            path = Path(tempfile.gettempdir()) / f"snapferry-nbd-{digest}.sock"
+        return path
+
+    # -- agent ----------------------------------------------------------------------
+    def _agent_conn(self, timeout: float | None = None) -> GuestAgent:
+        if self.agent_socket is None:
+            raise QuiesceError("no guest agent socket configured for this VM")
+        if self._agent is None:
+            self._agent = GuestAgent(self.agent_socket, timeout=self.agent_timeout)
+        self._agent.connect(timeout)
+        return self._agent
+
+    def _agent_close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+
+    # -- inspect ----------------------------------------------------------------------
+    def _nodes(self) -> dict[str, dict[str, Any]]:
+        nodes = self._qmp.cmd("query-named-block-nodes", {"flat": True})
+        return {n["node-name"]: n for n in nodes if n.get("node-name")}
+
+    def _bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        n = self._nodes().get(node, {})
+        return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+
+    def inspect(self) -> VmInfo:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._qmp.connect()
+        blocks = self._qmp.cmd("query-block")
+        if any(
+            str(b.get("inserted", {}).get("node-name", "")).startswith(OVERLAY_NODE_PREFIX)
+            for b in blocks
+        ) or any(str(j.get("device", "")).startswith(JOB_PREFIX)
+                 for j in self._qmp.cmd("query-block-jobs")):
+            self.progress.note("leftover snapferry overlay from an interrupted backup: "
+                               "committing it first")
+            errs: list[str] = []
+            self._cleanup_qemu(errs)
+            if errs:
+                raise HypervisorError("cannot clear an interrupted backup's leftovers: "
+                                      + "; ".join(errs))
+            blocks = self._qmp.cmd("query-block")
+        jobs = self._qmp.cmd("query-block-jobs")
+        disks: list[_Disk] = []
+        for entry in blocks:
+            ins = entry.get("inserted")
+            if not ins or entry.get("removable"):
+                continue  # empty drive, CD-ROM
+            node = str(ins.get("node-name", ""))
+            name = _disk_name(entry, node)
+            image = ins.get("image", {})
+            if "backing-image" in image:
+                raise HypervisorError(
+                    f"disk {name} runs on an overlay ({image.get('filename')} over "
+                    f"{image['backing-image'].get('filename')}): snapferry needs the VM on "
+                    "its base image; commit or remove that snapshot first"
+                )
+            if ins.get("drv") != "qcow2":
+                raise HypervisorError(
+                    f"disk {name} is {ins.get('drv')}, not qcow2: persistent changed-block "
+                    "tracking needs qcow2 images"
+                )
+            if ins.get("ro"):
+                raise HypervisorError(f"disk {name} is attached read-only")
+            for j in jobs:
+                if j:
+                    raise HypervisorError(
+                        f"block job {j.get('device')} ({j.get('type')}) is running on the VM; "
+                        "wait for it or cancel it first"
+                    )
+            disks.append(_Disk(name=name, index=len(disks), node=node,
+                               file=str(ins.get("file") or image.get("filename")),
+                               size=int(image.get("virtual-size", 0))))
+        if not disks:
+            raise HypervisorError("the VM has no qcow2 disk to back up")
+        self._disks = disks
+        vm_name = self.name or self._qmp.cmd("query-name").get("name") \
+            or Path(self.qmp_socket).parent.name
+        self.name = vm_name
+        meta: dict[str, Any] = {
+            "hypervisor": "qemu",
+            "qemu": self._qmp.cmd("query-version").get("package", "").strip()
+            or str(self._qmp.cmd("query-version").get("qemu")),
+            "disks": {d.name: {"node": d.node, "file": d.file, "size": d.size} for d in disks},
+        }
+        meta["agent"] = self._probe_agent()
+        return VmInfo(name=vm_name, disks=[d.name for d in disks], meta=meta)
+
+    def _probe_agent(self) -> str:
+        """'ok', or why not; refuses a guest that is already frozen."""
+        if self.agent_socket is None:
+            return "none"
+        try:
+            status = self._agent_conn(timeout=min(self.agent_timeout, 5.0)).fsfreeze_status()
+        except AgentError as e:
+            return f"unresponsive: {e}"
+        finally:
+            self._agent_close()
+        if status == "frozen" and self._state().get("frozen"):
+            self.progress.note("the guest is still frozen by an interrupted backup: thawing")
+            self._try_thaw()
+        elif status == "frozen":
+            raise HypervisorError(
+                "the guest's filesystems are already frozen (by someone else?): "
+                "refusing to back up; thaw them first (guest-fsfreeze-thaw)"
+            )
+        return "ok"
+
+    def _ensure_inspected(self) -> None:
+        if not self._disks:
+            self.inspect()
+
+    # -- quiesce / thaw ------------------------------------------------------------
+    def agent_status(self) -> str:
+        """``guest-fsfreeze-status`` ("frozen"/"thawed"); keeps a connection open only
+        while a freeze of ours is in effect (the agent socket takes one client)."""
+        try:
+            return self._agent_conn().fsfreeze_status()
+        finally:
+            if self._freeze_t0 is None:
+                self._agent_close()
+
+    def quiesce(self) -> int:
+        try:
+            ga = self._agent_conn()
+        except AgentError as e:
+            raise QuiesceError(f"guest agent did not answer: {e}") from e
+        self._set_state(frozen=True)
+        self._freeze_t0 = time.monotonic()
+        try:
+            count = ga.fsfreeze_freeze()
+            status = ga.fsfreeze_status()
+        except AgentError as e:
+            self._try_thaw()
+            raise QuiesceError(f"guest freeze failed: {e}") from e
+        if status != "frozen" or count < 1:
+            self._try_thaw()
+            raise QuiesceError(
+                f"guest freeze not proven: {count} filesystem(s) frozen, status {status!r}"
+            )
+        self._frozen_count = count
+        return count
+
+    def _try_thaw(self) -> None:
+        try:
+            ga = self._agent_conn()
+            ga.fsfreeze_thaw()
+            if ga.fsfreeze_status() == "thawed":
+                self._set_state(frozen=False)
+        except AgentError as e:
+            self.progress.note(f"thaw after a failed freeze: {e}")
+        finally:
+            self._agent_close()
+            self._freeze_t0 = None
+
+    def thaw(self) -> int:
+        try:
+            try:
+                count = self._agent_conn().fsfreeze_thaw()
+            except AgentTimeout:
+                self._agent_close()  # the connection broke: once more on a fresh one
+                count = self._agent_conn().fsfreeze_thaw()
+        except AgentError as e:
+            raise QuiesceError(f"guest thaw failed: {e}") from e
+        finally:
+            if self._freeze_t0 is not None:
+                self.stats["freeze_ms"] = (time.monotonic() - self._freeze_t0) * 1000
+                self._freeze_t0 = None
+            self._agent_close()
+        self._set_state(frozen=False)
+        self._frozen_count = None
+        return count
+
+    # -- snapshot --------------------------------------------------------------------
+    def _plan_disk(self, d: _Disk, mode: BackupMode, parent: ParentDisk | None,
+                   bitmaps: dict[str, dict[str, Any]]) -> None:
+        d.incremental = False
+        d.full_reason = None
+        pb = parent.tracking.get("bitmap") if parent is not None else None
+        d.parent_bitmap = pb if pb in bitmaps else None
+        if mode == "full":
+            return
+        why: str | None = None
+        if parent is None:
+            why = "no parent restore point for this disk" if mode == "incremental" else None
+        elif not pb:
+            why = "the parent restore point recorded no dirty bitmap"
+        elif pb not in bitmaps:
+            why = (f"bitmap {pb} missing on {d.node} (VM restarted uncleanly or bitmap "
+                   "removed?)")
+        elif bitmaps[pb].get("inconsistent"):
+            why = f"bitmap {pb} is inconsistent (VM crashed while it was in use?)"
+        elif not bitmaps[pb].get("recording", True):
+            why = f"bitmap {pb} is disabled (left over from an interrupted backup?)"
+        elif bitmaps[pb].get("busy"):
+            why = f"bitmap {pb} is in use by another operation"
+        elif parent.virtual_size != d.size:
+            why = f"disk size changed from {parent.virtual_size} to {d.size}"
+        if parent is not None and why is None:
+            d.incremental = True
+        elif why is not None:
+            d.full_reason = f"disk {d.name}: {why}: full backup"
+
+    def snapshot(self, mode: BackupMode, parents: dict[str, ParentDisk]) -> None:
+        self._ensure_inspected()
+        now = dt.datetime.now(dt.UTC)
+        stamp = now.strftime("%Y%m%dT%H%M%S") + f"-{now.microsecond:06d}"
+        nodes = self._nodes()
+        actions: list[dict[str, Any]] = []
+        for d in self._disks:
+            bitmaps = {b["name"]: b for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])}
+            self._plan_disk(d, mode, parents.get(d.name), bitmaps)
+            if d.full_reason:
+                self.progress.note(d.full_reason)
+            d.new_bitmap = BITMAP_PREFIX + stamp
+            d.overlay_node = f"{OVERLAY_NODE_PREFIX}{d.index}"
+            d.overlay_file = self.work_dir / f"{d.name}-{stamp}{OVERLAY_SUFFIX}"
+            actions.append({"type": "block-dirty-bitmap-add",
+                            "data": {"node": d.node, "name": d.new_bitmap, "persistent": True}})
+            if d.incremental:
+                actions.append({"type": "block-dirty-bitmap-disable",
+                                "data": {"node": d.node, "name": d.parent_bitmap}})
+            actions.append({"type": "blockdev-snapshot-sync",
+                            "data": {"node-name": d.node, "snapshot-file": str(d.overlay_file),
+                                     "snapshot-node-name": d.overlay_node, "format": "qcow2",
+                                     "mode": "absolute-paths"}})
+        self._finalized = False
+        try:
+            self._qmp.cmd("transaction", {"actions": actions})
+        except QmpCommandError as e:
+            for d in self._disks:
+                if d.overlay_file is not None:
+                    d.overlay_file.unlink(missing_ok=True)
+                d.overlay_node = d.overlay_file = d.new_bitmap = None
+            raise HypervisorError(f"snapshot failed: {e.desc}") from e
+        self._snapshotted = True
+
+    # -- export ----------------------------------------------------------------------
+    def export(self, mode: BackupMode, parents: dict[str, ParentDisk]) -> list[DiskPlan]:
+        """Export each disk's base node through QEMU's own NBD server.
+
+        Why QEMU's server rather than ``qemu-nbd -r`` on the base file: the exported
+        dirty bitmap is the live, in-memory one (a separate qemu-nbd would only see what
+        was last flushed into the qcow2), there is no second process to start, watch and
+        kill, no image-locking question, and ``query-block-exports`` lets a later
+        ``cleanup()`` find and remove what was left behind.
+        """
+        if not self._snapshotted:
+            raise HypervisorError("export() before snapshot()")
+        if not self._state().get("nbd_server"):
+            self._nbd_socket.unlink(missing_ok=True)
+            try:
+                self._qmp.cmd("nbd-server-start",
+                              {"addr": {"type": "unix", "data": {"path": str(self._nbd_socket)}}})
+            except QmpCommandError as e:
+                raise HypervisorError(f"cannot start QEMU's NBD server: {e.desc}") from e
+            self._set_state(nbd_server=True)
+        plans = []
+        for d in self._disks:
+            plans.append(self._export_disk(d))
+        return plans
+
+    def _export_disk(self, d: _Disk) -> DiskPlan:
+        d.export_id = f"{EXPORT_PREFIX}{d.index}"
+        export_name = f"sf-{d.name}"
+        args: dict[str, Any] = {"type": "nbd", "id": d.export_id, "node-name": d.node,
+                                "name": export_name, "writable": False}
+        if d.incremental:
+            args["bitmaps"] = [d.parent_bitmap]
+        try:
+            self._qmp.cmd("block-export-add", args)
+        except QmpCommandError as e:
+            raise HypervisorError(f"cannot export disk {d.name}: {e.desc}") from e
+        uri = f"nbd+unix:///{export_name}?socket={self._nbd_socket}"
+        source = self._open_source(uri, d.parent_bitmap if d.incremental else None)
+        self._sources.append(source)
+        changed: list[tuple[int, int]] | None = None
+        if d.incremental:
+            changed = _merge_ranges(
+                (e.offset, e.length) for e in source.extents(0, d.size, dirty=True) if e.dirty
+            )
+        return DiskPlan(
+            name=d.name,
+            source=source,
+            changed=changed,
+            tracking={"bitmap": d.new_bitmap, "node": d.node, "file": d.file},
+            full_reason=d.full_reason,
+            meta={"export": uri, "overlay": str(d.overlay_file),
+                  "parent_bitmap": d.parent_bitmap if d.incremental else None},
+        )
+
+    def _close_sources(self) -> None:
+        for s in self._sources:
+            with contextlib.suppress(Exception):
+                s.close()
+        self._sources = []
+
+    @staticmethod
+    def _export_deleted(eid: str) -> Callable[[Event], bool]:
+        def match(ev: Event) -> bool:
+            return ev.get("event") == "BLOCK_EXPORT_DELETED" and ev.get("data", {}).get("id") == eid
+        return match
+
+    def _remove_exports(self) -> None:
+        self._close_sources()
+        ours = [e["id"] for e in self._qmp.cmd("query-block-exports")
+                if str(e.get("id", "")).startswith(EXPORT_PREFIX)]
+        self._qmp.clear_events()
+        for eid in ours:
+            try:
+                self._qmp.cmd("block-export-del", {"id": eid, "mode": "hard"})
+            except QmpCommandError as e:
+                if "not found" not in e.desc:  # already going away
+                    raise
+        for eid in ours:
+            if any(e.get("id") == eid for e in self._qmp.cmd("query-block-exports")):
+                self._qmp.wait_event(self._export_deleted(eid), timeout=60.0)
+        if self._state().get("nbd_server"):
+            try:
+                self._qmp.cmd("nbd-server-stop")
+            except QmpCommandError as e:
+                if "not running" not in e.desc:
+                    raise
+            self._set_state(nbd_server=False)
+            self._nbd_socket.unlink(missing_ok=True)
+        for d in self._disks:
+            d.export_id = None
+
+    # -- commit / relock -------------------------------------------------------------
+    def commit(self) -> None:
+        self._remove_exports()
+        t0 = time.monotonic()
+        for d in self._disks:
+            if d.overlay_node is not None:
+                self._commit_overlay(d.overlay_node, d.node, d.name, d.index)
+                if d.overlay_file is not None:
+                    d.overlay_file.unlink(missing_ok=True)
+                d.overlay_node = d.overlay_file = None
+        self._snapshotted = False
+        self.stats["commit_s"] = time.monotonic() - t0
+
+    def _job_event(self, job: str, *names: str) -> Callable[[Event], bool]:
+        def match(ev: Event) -> bool:
+            return ev.get("event") in names and ev.get("data", {}).get("device") == job
+        return match
+
+    def _commit_overlay(self, top: str, base: str, disk: str, index: int) -> None:
+        """Active commit of ``top`` into ``base``; the VM ends up on ``base``."""
+        job = f"{JOB_PREFIX}{index}"
+        self._qmp.clear_events()
+        try:
+            existing = {j["device"]: j for j in self._qmp.cmd("query-block-jobs")}
+            if job not in existing:
+                self._qmp.cmd("block-commit", {"job-id": job, "device": top, "base-node": base})
+            elif existing[job].get("ready"):
+                self._qmp.cmd("block-job-complete", {"device": job})
+        except QmpCommandError as e:
+            raise HypervisorError(f"commit of disk {disk} failed to start: {e.desc}") from e
+        ev = self._qmp.wait_event(
+            self._job_event(job, "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+            timeout=self.commit_timeout,
+        )
+        if ev["event"] == "BLOCK_JOB_READY":
+            try:
+                self._qmp.cmd("block-job-complete", {"device": job})
+            except QmpCommandError as e:
+                raise HypervisorError(f"commit of disk {disk}: {e.desc}") from e
+            ev = self._qmp.wait_event(
+                self._job_event(job, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+                timeout=self.commit_timeout,
+            )
+        data = ev.get("data", {})
+        if ev["event"] == "BLOCK_JOB_CANCELLED":
+            raise HypervisorError(f"commit of disk {disk} was cancelled")
+        if data.get("error"):
+            raise HypervisorError(f"commit of disk {disk} failed: {data['error']}")
+        # An overlay made by blockdev-snapshot-sync goes away with the commit; one that
+        # was blockdev-add'ed (monitor-owned) must be deleted.
+        if top in self._nodes():
+            with contextlib.suppress(QmpCommandError):
+                self._qmp.cmd("blockdev-del", {"node-name": top})
+
+    def relock(self) -> None:
+        by_name = {_disk_name(b, str(b.get("inserted", {}).get("node-name", ""))): b
+                   for b in self._qmp.cmd("query-block") if b.get("inserted")}
+        for d in self._disks:
+            b = by_name.get(d.name)
+            if b is None:
+                raise HypervisorError(f"disk {d.name} is gone from the VM")
+            ins = b["inserted"]
+            if ins.get("node-name") != d.node or "backing-image" in ins.get("image", {}):
+                raise HypervisorError(
+                    f"disk {d.name} is not back on its base node {d.node} "
+                    f"(active node {ins.get('node-name')})"
+                )
+            if ins.get("ro"):
+                raise HypervisorError(f"disk {d.name} is still read-only after the commit")
+            if ins.get("file") != d.file:
+                raise HypervisorError(f"disk {d.name} runs on {ins.get('file')}, not {d.file}")
+
+    # -- changed-block bookkeeping ------------------------------------------------------
+    def finalize(self, success: bool) -> None:
+        if self._finalized or not self._disks:
+            return
+        self._remove_exports()
+        actions: list[dict[str, Any]] = []
+        nodes = self._nodes()
+        for d in self._disks:
+            have = {b["name"] for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])}
+            if d.new_bitmap is None or d.new_bitmap not in have:
+                continue
+            if success:
+                # The parent's bitmap is done with; an inconsistent snapferry bitmap (left
+                # by a crash) can never be used again: drop those too.
+                drop = {d.parent_bitmap} if d.parent_bitmap and d.parent_bitmap in have \
+                    else set[str]()
+                drop |= {b["name"] for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
+                         if b.get("inconsistent") and b["name"].startswith(BITMAP_PREFIX)}
+                actions += [{"type": "block-dirty-bitmap-remove",
+                             "data": {"node": d.node, "name": b}} for b in sorted(drop)]
+            elif d.incremental and d.parent_bitmap in have:
+                actions += [
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"node": d.node, "target": d.parent_bitmap,
+                              "bitmaps": [d.new_bitmap]}},
+                    {"type": "block-dirty-bitmap-enable",
+                     "data": {"node": d.node, "name": d.parent_bitmap}},
+                    {"type": "block-dirty-bitmap-remove",
+                     "data": {"node": d.node, "name": d.new_bitmap}},
+                ]
+            else:
+                actions.append({"type": "block-dirty-bitmap-remove",
+                                "data": {"node": d.node, "name": d.new_bitmap}})
+        if actions:
+            try:
+                self._qmp.cmd("transaction", {"actions": actions})
+            except QmpCommandError as e:
+                raise HypervisorError(f"dirty bitmap bookkeeping failed: {e.desc}") from e
+        self._finalized = True
+
+    def _restore_orphaned_bitmaps(self) -> None:
+        """Stateless failure bookkeeping (a crashed or unfinalized backup): a disabled
+        ``snapferry-*`` bitmap is a parent whose backup never finished; merge every newer
+        ``snapferry-*`` bitmap into it, re-enable it, drop the newer ones. Safe: at worst
+        the next backup of that disk is full, it can never miss a write."""
+        actions: list[dict[str, Any]] = []
+        for node, n in self._nodes().items():
+            bms = {b["name"]: b for b in n.get("dirty-bitmaps", [])
+                   if str(b.get("name", "")).startswith(BITMAP_PREFIX)}
+            for name, b in sorted(bms.items()):
+                if b.get("recording", True) or b.get("busy") or b.get("inconsistent"):
+                    continue
+                newer = [x for x in sorted(bms) if x > name]
+                if newer:
+                    actions.append({"type": "block-dirty-bitmap-merge",
+                                    "data": {"node": node, "target": name, "bitmaps": newer}})
+                actions.append({"type": "block-dirty-bitmap-enable",
+                                "data": {"node": node, "name": name}})
+                actions += [{"type": "block-dirty-bitmap-remove",
+                             "data": {"node": node, "name": x}} for x in newer]
+                break
+        if actions:
+            self._qmp.cmd("transaction", {"actions": actions})
+
+    # -- cleanup -----------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Thaw, drop exports and the NBD server, commit any overlay of ours, put the
+        changed-block state back, delete overlay files. Idempotent; reconnects to QMP
+        once if the connection was lost. Raises HypervisorError (one line) only when
+        the VM could not be brought back to its base disks thawed."""
+        errors: list[str] = []
+        if self._state().get("frozen") or self._freeze_t0 is not None:
+            try:
+                self._agent_conn().fsfreeze_thaw()
+                self._set_state(frozen=False)
+                self._freeze_t0 = None
+            except AgentError as e:
+                errors.append(f"guest may still be frozen: {e}")
+            finally:
+                self._agent_close()
+        for attempt in range(2):
+            found: list[str] = []
+            try:
+                self._cleanup_qemu(found)
+            except QmpConnectionError as e:
+                self._qmp.close()  # reconnect once: the connection may just have been lost
+                if attempt:
+                    errors.append(str(e))
+                continue
+            except SnapferryError as e:
+                found.append(str(e))
+            errors += found
+            break
+        if errors:
+            raise HypervisorError("cleanup incomplete: " + "; ".join(errors))
+
+    def _cleanup_qemu(self, errors: list[str]) -> None:
+        self._qmp.connect()
+        try:
+            self._remove_exports()
+        except QmpConnectionError:
+            raise
+        except SnapferryError as e:
+            errors.append(f"removing the NBD export: {e}")
+        # Commit any overlay of ours still active (the writes in it are the guest's).
+        for i, entry in enumerate(self._qmp.cmd("query-block")):
+            ins = entry.get("inserted") or {}
+            top = str(ins.get("node-name", ""))
+            if not top.startswith(OVERLAY_NODE_PREFIX):
+                continue
+            backing = ins.get("image", {}).get("backing-image", {})
+            name = _disk_name(entry, top)
+            try:
+                base = self._base_node_of(top, backing.get("filename"))
+                self._commit_overlay(top, base, name, int(top.removeprefix(OVERLAY_NODE_PREFIX)
+                                                          or i))
+            except QmpConnectionError:
+                raise
+            except SnapferryError as e:
+                errors.append(f"disk {name} still runs on overlay {ins.get('file')} over "
+                              f"{backing.get('filename')}: {e}")
+        self._snapshotted = False
+        for d in self._disks:
+            d.overlay_node = d.overlay_file = None
+        if not self._finalized:
+            try:
+                self._restore_orphaned_bitmaps()
+                self._finalized = True
+            except QmpCommandError as e:
+                errors.append(f"dirty bitmap bookkeeping: {e.desc}")
+        in_use = {str(n.get("file", "")) for n in self._nodes().values()}
+        for f in self.work_dir.glob(f"*{OVERLAY_SUFFIX}"):
+            if str(f) not in in_use:
+                f.unlink(missing_ok=True)
+
+    def _base_node_of(self, top: str, backing_file: str | None) -> str:
+        """Node name of the base (format) node whose image is ``backing_file``."""
+        for d in self._disks:
+            if d.overlay_node == top:
+                return d.node
+        for m in self._nodes().values():
+            if m.get("file") == backing_file and m.get("drv") != "file" \
+                    and m.get("node-name") != top:
+                return str(m["node-name"])
+        raise HypervisorError(f"cannot find the base node under overlay {top}")
+
+    def close(self) -> None:
+        self._close_sources()
+        self._agent_close()
+        self._qmp.close()
