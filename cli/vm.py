@@ -1,0 +1,159 @@
+"""CLI glue for VM sources (QEMU, the lab VM, vSphere) and the lab/demo commands.
+
+No logic of its own: parse, build typed options, call ``engine``, print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.output import emit_json, human_bytes, make_progress
+from engine.errors import UsageError
+
+
+def backup_vm(args: argparse.Namespace) -> int:
+    from cli.main import open_repo
+    from engine.coordinator import VmBackupOptions
+    from engine.coordinator import backup_vm as run
+    from engine.targets import TargetOptions, VsphereCliOptions, open_hypervisor
+
+    if args.workers < 0:
+        raise UsageError("--workers must be >= 0")
+    if args.retries < 0:
+        raise UsageError("--retries must be >= 0")
+    if args.bitmap:
+        raise UsageError("--bitmap is for plain NBD sources; VM sources track changes themselves")
+    repo = open_repo(args)
+    progress = make_progress(args.json)
+    topts = TargetOptions(
+        vsphere=VsphereCliOptions(
+            vddk_libdir=args.vddk_libdir,
+            transport=args.transport,
+            nbd_uri=getattr(args, "nbd_uri", None),
+            vddk_transports=getattr(args, "vddk_transports", None),
+        ),
+        progress=progress,
+    )
+    hv = open_hypervisor(args.source, topts)
+    try:
+        result = run(
+            hv,
+            repo,
+            VmBackupOptions(
+                mode=args.mode,
+                quiesce=args.quiesce,
+                retries=args.retries,
+                workers=args.workers,
+                verify=args.verify,
+                parent=args.parent,
+                progress=progress,
+            ),
+        )
+    finally:
+        hv.close()
+        progress.finish()
+    if args.json:
+        emit_json(result.to_json())
+        return 0
+    b = result.backup
+    freeze = f", freeze {result.freeze_ms:.0f} ms" if result.freeze_ms is not None else ""
+    print(
+        f"{b.mode} backup {b.backup_id} of {b.vm}: {result.consistency}-consistent"
+        f"{freeze}, {b.seconds:.1f} s"
+    )
+    for d in b.disks:
+        print(
+            f"  {d.name}: read {human_bytes(d.bytes_read)} of {human_bytes(d.virtual_size)}, "
+            f"stored {human_bytes(d.bytes_stored)} ({d.chunks_new} new, "
+            f"{d.chunks_reused} reused chunks)"
+            + (f" [full: {d.full_reason}]" if d.full_reason else "")
+        )
+    return 0
+
+
+def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lab", help="the lab VM: a small live guest with qemu-guest-agent")
+    p.add_argument("action", choices=("up", "down", "status", "write", "read"))
+    p.add_argument("path", nargs="?", metavar="GUEST_PATH", help="write/read: file in the guest")
+    p.add_argument("--data", help="write: the text to write (default: stdin)")
+    p.add_argument("--disks", type=int, default=None, metavar="N", help="up: data disks")
+    p.add_argument("--disk-size", default="256M", metavar="SIZE", help="up: size of new disks")
+    p.add_argument("--purge", action="store_true", help="down: also delete the lab's disks")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("demo", help="live full + incremental backup of the lab VM, "
+                                    "restored and checked")
+    p.add_argument("--repo", default=None, help="repository to (re)create for the demo")
+    p.add_argument("--keep-lab", action="store_true", help="leave the lab VM running")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from engine.qemu import lab
+
+    if args.action == "up":
+        vm = lab.lab_up(disks=args.disks, disk_size=args.disk_size)
+        if args.json:
+            emit_json(lab.lab_info())
+        else:
+            print(f"lab VM running (pid {vm.pid}, {vm.accel}); back it up with: "
+                  f"snapferry backup lab --repo REPO")
+            print(f"  {vm.uri}")
+        return 0
+    if args.action == "down":
+        lab.lab_down(purge=args.purge)
+        if args.json:
+            emit_json({"running": False})
+        else:
+            print("lab VM stopped")
+        return 0
+    if args.action == "status":
+        st = lab.lab_status()
+        if args.json:
+            emit_json(st)
+        else:
+            for k, v in st.items():
+                print(f"{k}: {v}")
+        return 0 if st.get("running") else 3
+    if not args.path:
+        raise UsageError(f"lab {args.action} needs GUEST_PATH")
+    if args.action == "write":
+        data = args.data.encode() if args.data is not None else sys.stdin.buffer.read()
+        lab.lab_write(args.path, data)
+        if args.json:
+            emit_json({"path": args.path, "bytes": len(data)})
+        return 0
+    data = lab.lab_read(args.path)
+    if args.json:
+        emit_json({"path": args.path, "bytes": len(data), "text": data.decode(errors="replace")})
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.demo import run_demo
+
+    progress = make_progress(args.json)
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+
+    try:
+        report = run_demo(
+            repo_path=Path(args.repo) if args.repo else None,
+            keep_lab=args.keep_lab,
+            progress=progress,
+            say=say,
+        )
+    finally:
+        progress.finish()
+    if args.json:
+        emit_json(report.to_json())
+    else:
+        print(report.summary())
+    return 0

@@ -1,0 +1,513 @@
+"""One restore point: copy → verify → commit (or abort), driving the reader pool.
+
+``BackupSession`` is what the coordinator (VM backups) and the CLI (files, NBD exports)
+call. It holds the repository lock from construction until ``commit`` or ``abort``.
+
+* copy: for each disk, the chunk runs to read — all allocated, non-zero extents for a
+  full copy (``DiskInput.changed is None``), or the changed byte ranges rounded out to
+  chunks, the rest of the index copied from the parent restore point — go to the
+  reader pool; the parent process only assembles the index (numpy) and the counts.
+* verify: every id the new indexes name has a valid chunk header in the store; with
+  ``verify="full"`` the chunks this backup wrote are also read back, decoded and
+  re-hashed (by the workers, in parallel).
+* commit: ``Repository.commit_restore_point`` (indexes, store sync, manifest last).
+* abort: workers killed, chunks this backup created removed, temp files removed, lock
+  released; no manifest. Idempotent.
+
+Sources with a ``max_connections`` attribute (NBD) bound the worker count; a source with
+a ``release()`` method (NBD) is asked to drop its connection once its extents are known,
+so that a server taking a single client accepts the worker's connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
+from engine.pool import BatchResult, PoolConfig, ReaderPool, Run, make_items, verify_messages
+from engine.progress import NullProgress, Progress
+from engine.source import DiskSource
+from engine.store.index import DiskIndex
+from engine.store.manifest import DiskEntry, Manifest
+from engine.store.repo import Repository
+
+VerifyLevel = Literal["full", "quick"]
+INTERRUPTED = "interrupted: backup rolled back, no restore point written"
+
+
+@dataclass
+class DiskInput:
+    """One disk to back up (``engine.hypervisor.DiskPlan`` has the same fields)."""
+
+    name: str
+    source: DiskSource
+    changed: list[tuple[int, int]] | None = None  # None: full (allocated non-zero extents)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    full_reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BackupOptions:
+    workers: int = 0  # 0: one per CPU
+    verify: VerifyLevel = "full"
+    parent: str | None = None  # explicit parent id; None: latest restore point of the vm
+    progress: Progress = field(default_factory=NullProgress)
+    no_parent: bool = False  # True: a full backup with no parent whatever exists
+    item_bytes: int = 8 << 20  # bytes per work item handed to a worker
+
+
+@dataclass
+class DiskResult:
+    name: str
+    virtual_size: int
+    bytes_read: int
+    bytes_stored: int
+    chunks_new: int
+    chunks_reused: int
+    full_reason: str | None = None
+    chunks: int = 0
+    zero_chunks: int = 0
+
+
+@dataclass
+class BackupResult:
+    backup_id: str
+    vm: str
+    mode: str
+    parent: str | None
+    seconds: float
+    disks: list[DiskResult]
+    consistency: str
+    verified: str
+    workers: int = 0
+    copy_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    worker_peak_rss_kib: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(d.bytes_read for d in self.disks)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(d.bytes_stored for d in self.disks)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_read"] = self.bytes_read
+        out["bytes_stored"] = self.bytes_stored
+        return out
+
+
+@dataclass
+class _DiskState:
+    no: int
+    input: DiskInput
+    size: int
+    index: DiskIndex
+    runs: list[Run]
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    chunks_new: int = 0
+    chunks_reused: int = 0
+
+    def result(self) -> DiskResult:
+        return DiskResult(
+            name=self.input.name,
+            virtual_size=self.size,
+            bytes_read=self.bytes_read,
+            bytes_stored=self.bytes_stored,
+            chunks_new=self.chunks_new,
+            chunks_reused=self.chunks_reused,
+            full_reason=self.input.full_reason,
+            chunks=len(self.index),
+            zero_chunks=self.index.zero_count(),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# extent arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+def merge_runs(ranges: Iterable[tuple[int, int]], chunk_size: int, size: int) -> list[Run]:
+    """Byte ranges ``(offset, length)`` → sorted, merged chunk runs ``(first, count)``,
+    rounded out to whole chunks and clipped to a disk of ``size`` bytes."""
+    n_chunks = -(-size // chunk_size)
+    spans: list[tuple[int, int]] = []
+    for off, length in ranges:
+        if length <= 0:
+            continue
+        if off < 0:
+            raise SnapferryError(f"changed range at negative offset {off}")
+        first = off // chunk_size
+        last = min(-(-(off + length) // chunk_size), n_chunks)
+        if first < last:
+            spans.append((first, last))
+    spans.sort()
+    runs: list[Run] = []
+    for first, last in spans:
+        if runs and first <= runs[-1][0] + runs[-1][1]:
+            f0, c0 = runs[-1]
+            runs[-1] = (f0, max(c0, last - f0))
+        else:
+            runs.append((first, last - first))
+    return runs
+
+
+def allocated_ranges(source: DiskSource, offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of ``source`` in ``[offset, offset+length)`` that are not known zero."""
+    if length <= 0:
+        return
+    for e in source.extents(offset, length, dirty=False):
+        if not e.zero:
+            yield (e.offset, e.length)
+
+
+def run_bytes(runs: list[Run], chunk_size: int, size: int) -> int:
+    total = 0
+    for first, count in runs:
+        total += min((first + count) * chunk_size, size) - first * chunk_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# the session
+# ---------------------------------------------------------------------------------------
+
+
+class BackupSession:
+    """copy → verify → commit; ``abort`` on any failure (see the module doc)."""
+
+    def __init__(self, repo: Repository, vm: str, options: BackupOptions) -> None:
+        if not vm:
+            raise UsageError("a backup needs a name (--name)")
+        self.repo = repo
+        self.vm = vm
+        self.options = options
+        self.progress = options.progress
+        self._state = "open"
+        self._pool: ReaderPool | None = None
+        self._disks: list[_DiskState] = []
+        self._new_ids: set[bytes] = set()
+        self._t0 = time.monotonic()
+        self._copy_seconds = 0.0
+        self._verify_seconds = 0.0
+        self._workers = 0
+        self._rss: list[int] = []
+        self._locks = contextlib.ExitStack()
+        self._locks.enter_context(repo.lock("backup"))
+        try:
+            self.parent: Manifest | None = self._resolve_parent()
+            self.backup_id = repo.new_backup_id()
+        except BaseException:
+            self._locks.close()
+            raise
+
+    def _resolve_parent(self) -> Manifest | None:
+        o = self.options
+        if o.no_parent:
+            return None
+        if o.parent is not None:
+            m = self.repo.load_manifest(o.parent)
+            if m.vm != self.vm:
+                raise UsageError(
+                    f"--parent {o.parent} is a restore point of {m.vm!r}, not {self.vm!r}"
+                )
+            return m
+        return self.repo.latest(self.vm)
+
+    @property
+    def mode(self) -> str:
+        return "incremental" if self.parent is not None else "full"
+
+    # -- copy ----------------------------------------------------------------------------
+    def copy(self, disks: list[DiskInput]) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"copy() in state {self._state}")
+        try:
+            self._copy(disks)
+        except KeyboardInterrupt:
+            self.abort()
+            raise BackupAborted(INTERRUPTED) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "copied"
+
+    def _plan(self, no: int, d: DiskInput) -> _DiskState:
+        cs = self.repo.chunk_size
+        size = d.source.size
+        if d.changed is None:
+            index = DiskIndex.empty(size, cs)
+            runs = merge_runs(allocated_ranges(d.source, 0, size), cs, size)
+            return _DiskState(no, d, size, index, runs)
+        parent = self.parent
+        if parent is None or d.name not in parent.disk_names:
+            raise SnapferryError(f"no parent index for disk {d.name}: run a full backup")
+        pidx = self.repo.load_index(parent.backup_id, d.name, parent)
+        ranges: list[tuple[int, int]] = list(d.changed)
+        if pidx.virtual_size != size:
+            # the disk was resized: re-read the old last chunk and everything allocated
+            # beyond it (a bitmap need not cover the grown area)
+            start = (min(pidx.virtual_size, size) // cs) * cs
+            ranges.extend(allocated_ranges(d.source, start, size - start))
+            index = pidx.resized(size)
+        else:
+            index = pidx.copy()
+        return _DiskState(no, d, size, index, merge_runs(ranges, cs, size))
+
+    def _copy(self, disks: list[DiskInput]) -> None:
+        if not disks:
+            raise UsageError("nothing to back up (no disks)")
+        names = [d.name for d in disks]
+        if len(set(names)) != len(names):
+            raise UsageError(f"disk names must be unique: {names}")
+        t0 = time.monotonic()
+        self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
+        cs = self.repo.chunk_size
+        cfg = PoolConfig(
+            repo_path=str(self.repo.path),
+            seed=self.repo.seed,
+            chunk_size=cs,
+            zstd_level=self.repo.zstd_level,
+            item_bytes=max(cs, self.options.item_bytes),
+        )
+        n_items = sum(-(-sum(c for _f, c in st.runs) // cfg.item_chunks) for st in self._disks)
+        workers = self.options.workers or len(os.sched_getaffinity(0)) or 1
+        for d in disks:
+            limit = getattr(d.source, "max_connections", None)
+            release = getattr(d.source, "release", None)
+            if callable(release):
+                # drop the caller's connection (extents are known): a server that takes
+                # few clients (qemu-nbd -e 1) must accept the workers' connections
+                release()
+            if isinstance(limit, int) and limit > 0:
+                if not callable(release):
+                    limit -= 1  # the caller's connection stays open
+                workers = min(workers, max(1, limit))
+        workers = max(1, min(workers, max(1, n_items)))
+        self._workers = workers
+        total = sum(run_bytes(st.runs, cs, st.size) for st in self._disks)
+        self.progress.start(f"backup {self.vm}", total)
+        pool = self._pool = ReaderPool(cfg, workers)
+        pool.start()
+        for st in self._disks:
+            pool.add_disk(st.no, st.input.source.spec(), st.size)
+
+        def messages() -> Iterator[tuple[Any, ...]]:
+            for st in self._disks:
+                for item in make_items(st.no, st.runs, cfg.item_chunks):
+                    yield ("copy", item)
+
+        pool.run(messages(), self._on_batch)
+        pool.run([("sync",)], lambda _r: None, broadcast=True)
+        self.progress.finish()
+        self._copy_seconds = time.monotonic() - t0
+
+    def _on_batch(self, r: BatchResult) -> None:
+        st = self._disks[r.disk]
+        st.index.ids[r.chunks] = r.ids
+        st.bytes_read += r.bytes_read
+        nonzero = r.ids.any(axis=1)
+        reused = int(np.count_nonzero(nonzero & ~r.new))
+        for k in np.flatnonzero(r.new):
+            cid = r.ids[k].tobytes()
+            if cid in self._new_ids:  # two workers stored the same new chunk
+                reused += 1
+            else:
+                self._new_ids.add(cid)
+                st.chunks_new += 1
+                st.bytes_stored += int(r.stored[k])
+        st.chunks_reused += reused
+        self.progress.advance(r.bytes_read)
+
+    # -- verify --------------------------------------------------------------------------
+    def verify(self) -> None:
+        """Every id the new indexes name is present with a valid header; with
+        ``verify="full"`` the chunks this backup wrote are read back and re-hashed."""
+        if self._state != "copied":
+            raise RuntimeError(f"verify() in state {self._state}")
+        try:
+            self._verify()
+        except KeyboardInterrupt:
+            self.abort()
+            raise BackupAborted(INTERRUPTED) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "verified"
+
+    def _verify(self) -> None:
+        t0 = time.monotonic()
+        referenced: set[bytes] = set()
+        for st in self._disks:
+            referenced |= st.index.unique_ids()
+        missing_new = self._new_ids - referenced
+        if missing_new and self.options.verify == "full":
+            # every chunk written was for some index entry; anything else is a bug
+            raise SnapferryError(
+                f"{len(missing_new)} chunk(s) written but not referenced by the new index"
+            )
+        deep = sorted(self._new_ids & referenced) if self.options.verify == "full" else []
+        quick = sorted(referenced - set(deep))
+        self.progress.start("verify", len(deep) + len(quick))
+        pool = self._pool
+        assert pool is not None
+
+        def counted(r: tuple[int, int]) -> None:
+            self.progress.advance(r[0])
+
+        pool.run(verify_messages(quick, deep), counted)
+        self.progress.finish()
+        pool.close()
+        self._rss = pool.stats.peak_rss_kib()
+        self._pool = None
+        self._verify_seconds = time.monotonic() - t0
+
+    # -- commit / abort ------------------------------------------------------------------
+    def commit(
+        self,
+        *,
+        consistency: str,
+        quiesced: bool | None = None,
+        freeze_ms: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> BackupResult:
+        if self._state == "copied":
+            self.verify()
+        if self._state != "verified":
+            raise RuntimeError(f"commit() in state {self._state}")
+        try:
+            result = self._commit(consistency, quiesced, freeze_ms, extra)
+        except KeyboardInterrupt:
+            self.abort()
+            raise BackupAborted(INTERRUPTED) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self._locks.close()
+        return result
+
+    def _commit(
+        self,
+        consistency: str,
+        quiesced: bool | None,
+        freeze_ms: float | None,
+        extra: dict[str, Any] | None,
+    ) -> BackupResult:
+        entries: list[DiskEntry] = []
+        indexes: dict[str, DiskIndex] = {}
+        meta: dict[str, Any] = {}
+        for st in self._disks:
+            d = st.input
+            entries.append(
+                DiskEntry(
+                    name=d.name,
+                    virtual_size=st.size,
+                    bytes_read=st.bytes_read,
+                    bytes_stored=st.bytes_stored,
+                    chunks_new=st.chunks_new,
+                    chunks_reused=st.chunks_reused,
+                    source=d.source.describe(),
+                    tracking=dict(d.tracking),
+                    full_reason=d.full_reason,
+                )
+            )
+            indexes[d.name] = st.index
+            if d.meta:
+                meta[d.name] = d.meta
+        ex: dict[str, Any] = dict(extra or {})
+        ex.setdefault(
+            "pipeline",
+            {
+                "workers": self._workers,
+                "copy_seconds": round(self._copy_seconds, 3),
+                "verify_seconds": round(self._verify_seconds, 3),
+                "worker_peak_rss_kib": self._rss,
+            },
+        )
+        if meta:
+            ex.setdefault("disk_meta", meta)
+        manifest = Manifest(
+            backup_id=self.backup_id,
+            vm=self.vm,
+            chunk_size=self.repo.chunk_size,
+            mode=self.mode,  # type: ignore[arg-type]
+            parent=self.parent.backup_id if self.parent is not None else None,
+            consistency=consistency,  # type: ignore[arg-type]
+            quiesced=quiesced,
+            freeze_ms=freeze_ms,
+            disks=entries,
+            extra=ex,
+            verified=self.options.verify,
+        )
+        self.repo.commit_restore_point(manifest, indexes)
+        return BackupResult(
+            backup_id=self.backup_id,
+            vm=self.vm,
+            mode=self.mode,
+            parent=manifest.parent,
+            seconds=round(time.monotonic() - self._t0, 3),
+            disks=[st.result() for st in self._disks],
+            consistency=consistency,
+            verified=self.options.verify,
+            workers=self._workers,
+            copy_seconds=round(self._copy_seconds, 3),
+            verify_seconds=round(self._verify_seconds, 3),
+            worker_peak_rss_kib=self._rss,
+        )
+
+    def abort(self) -> None:
+        """Roll back: stop workers, remove what this backup stored, release the lock."""
+        if self._state in ("committed", "aborted"):
+            return
+        self._state = "aborted"
+        try:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+            if not self._manifest_exists():
+                store = self.repo.store
+                for cid in self._new_ids:
+                    with contextlib.suppress(OSError, RepositoryError):
+                        store.delete(cid)
+                for tmp in store.temp_files():
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        finally:
+            self._locks.close()
+
+    def _manifest_exists(self) -> bool:
+        try:
+            self.repo.backup_dir(self.backup_id)
+        except RepositoryError:
+            return False
+        return True
+
+
+def run_backup(
+    repo: Repository,
+    vm: str,
+    disks: list[DiskInput],
+    options: BackupOptions,
+    **commit_kwargs: Any,
+) -> BackupResult:
+    """copy → verify → commit in one call; aborts (and re-raises) on any failure."""
+    session = BackupSession(repo, vm, options)
+    try:
+        session.copy(disks)
+        session.verify()
+        return session.commit(**commit_kwargs)
+    except BaseException:
+        session.abort()
+        raise
