@@ -178,7 +178,7 @@ class QemuHypervisor:
 
     def _bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
         n = self._nodes().get(node, {})
-        return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+        return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
 
     def inspect(self) -> VmInfo:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +365,8 @@ class QemuHypervisor:
         nodes = self._nodes()
         actions: list[dict[str, Any]] = []
         for d in self._disks:
-            bitmaps = {b["name"]: b for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])}
+            bitmaps = {b["name"]: b for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
+                       if "name" in b}  # a block job's own bitmaps are anonymous
             self._plan_disk(d, mode, parents.get(d.name), bitmaps)
             if d.full_reason:
                 self.progress.note(d.full_reason)
@@ -559,11 +560,16 @@ class QemuHypervisor:
     def finalize(self, success: bool) -> None:
         if self._finalized or not self._disks:
             return
+        if not success and self._snapshotted:
+            # The guest still runs on the overlays, so the base nodes (and their bitmaps)
+            # are read-only: cleanup() commits the overlays first, then calls this again.
+            return
         self._remove_exports()
         actions: list[dict[str, Any]] = []
         nodes = self._nodes()
         for d in self._disks:
-            have = {b["name"] for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])}
+            have = {b["name"] for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
+                    if "name" in b}
             if d.new_bitmap is None or d.new_bitmap not in have:
                 continue
             if success:
@@ -572,7 +578,8 @@ class QemuHypervisor:
                 drop = {d.parent_bitmap} if d.parent_bitmap and d.parent_bitmap in have \
                     else set[str]()
                 drop |= {b["name"] for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
-                         if b.get("inconsistent") and b["name"].startswith(BITMAP_PREFIX)}
+                         if b.get("inconsistent")
+                         and str(b.get("name", "")).startswith(BITMAP_PREFIX)}
                 actions += [{"type": "block-dirty-bitmap-remove",
                              "data": {"node": d.node, "name": b}} for b in sorted(drop)]
             elif d.incremental and d.parent_bitmap in have:
@@ -681,10 +688,17 @@ class QemuHypervisor:
             d.overlay_node = d.overlay_file = None
         if not self._finalized:
             try:
-                self._restore_orphaned_bitmaps()
+                if any(d.new_bitmap for d in self._disks):
+                    self.finalize(False)  # this process's round: it knows its bitmaps
+                else:
+                    self._restore_orphaned_bitmaps()
                 self._finalized = True
+            except QmpConnectionError:
+                raise
             except QmpCommandError as e:
                 errors.append(f"dirty bitmap bookkeeping: {e.desc}")
+            except SnapferryError as e:
+                errors.append(f"dirty bitmap bookkeeping: {e}")
         in_use = {str(n.get("file", "")) for n in self._nodes().values()}
         for f in self.work_dir.glob(f"*{OVERLAY_SUFFIX}"):
             if str(f) not in in_use:
