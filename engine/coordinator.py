@@ -172,6 +172,8 @@ def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmB
 
     info = hv.inspect()
     parent = _parents(repo, info.name, options)
+    if options.mode == "incremental" and parent is None:
+        _check_incremental(options.mode, [], parent)  # refuse before freezing the guest
     parents: dict[str, ParentDisk] = {}
     if parent is not None:
         for d in parent.disks:
