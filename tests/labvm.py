@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,33 @@ def assert_vm_clean(vm: LabVm, work_dir: Path) -> None:
     assert list(work_dir.glob(f"*{OVERLAY_SUFFIX}")) == []
     with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
         assert ga.fsfreeze_status() == "thawed"
+
+
+@pytest.fixture
+def silent_agent(tmp_path: Path) -> Iterator[str]:
+    """A socket that accepts connections and never answers (a hung guest agent)."""
+    path = str(tmp_path / "silent.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        t.join(5)
+        for c in conns:
+            c.close()
+        srv.close()

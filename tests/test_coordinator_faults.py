@@ -14,8 +14,6 @@ signals at a given lifecycle step (the coordinator's test-only ``SNAPFERRY_TEST_
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +33,7 @@ from coordvm import (
     vm_work_dir,
     write_known,
 )
-from labvm import assert_vm_clean, bitmaps, control, lab_vm
+from labvm import assert_vm_clean, bitmaps, control, lab_vm, silent_agent  # noqa: F401
 
 from engine.coordinator import FAULT_ENV, FAULT_PHASES
 from engine.errors import (
@@ -111,38 +109,10 @@ def test_quiesce_preferred_falls_back_to_crash_consistent(
     after_fault(lab_vm, work, repo, before + 1)
 
 
-@pytest.fixture
-def silent_agent(tmp_path: Path) -> Iterator[str]:
-    """A socket that accepts connections and never answers (a hung guest agent)."""
-    path = str(tmp_path / "silent.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield path
-    finally:
-        stop.set()
-        t.join(5)
-        for c in conns:
-            c.close()
-        srv.close()
 
 
 def test_agent_not_answering_required(lab_vm: LabVm, work: Path, repo: Repository,
-                                      silent_agent: str) -> None:
+                                      silent_agent: str) -> None:  # noqa: F811
     before = count_backups(repo)
     hv = make_hv(lab_vm, work, agent_socket=silent_agent, agent_timeout=1.0)
     with pytest.raises(QuiesceError, match="did not answer") as ei:

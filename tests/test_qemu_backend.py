@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labvm import NbdinfoSource, assert_vm_clean, bitmaps, control, lab_vm
+from labvm import (  # noqa: F401
+    NbdinfoSource,
+    assert_vm_clean,
+    bitmaps,
+    control,
+    lab_vm,
+    silent_agent,
+)
 
 from engine.errors import HypervisorError, QuiesceError
 from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
@@ -156,37 +161,9 @@ def test_freeze_refused_by_hook(lab_vm: LabVm, hv: QemuHypervisor, work: Path) -
     assert_vm_clean(lab_vm, work)
 
 
-@pytest.fixture
-def silent_agent(tmp_path: Path) -> Iterator[str]:
-    """A socket that accepts connections and never answers (a hung guest agent)."""
-    path = str(tmp_path / "silent.sock")
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield path
-    finally:
-        stop.set()
-        t.join(5)
-        for c in conns:
-            c.close()
-        srv.close()
 
 
-def test_agent_not_answering(lab_vm: LabVm, work: Path, silent_agent: str) -> None:
+def test_agent_not_answering(lab_vm: LabVm, work: Path, silent_agent: str) -> None:  # noqa: F811
     h = make(lab_vm, work, agent_socket=silent_agent, agent_timeout=1.0)
     try:
         info = h.inspect()
