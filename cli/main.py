@@ -30,6 +30,10 @@ EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 FILE_DISK_NAME = "disk"
 
+# snapferry does no linear algebra: keep OpenBLAS (loaded with numpy) from starting
+# busy-spinning threads in the CLI and in every worker process it spawns.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a repository")
     p.add_argument("path", metavar="REPO")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                   help="chunk size (power of two, 64K..4M; default 1M)")
+                   help="chunk size (power of two, 64K..4M; default 256K)")
     _add_json(p)
 
     p = sub.add_parser("backup", help="back up a disk image, an NBD export or a VM")

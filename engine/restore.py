@@ -10,10 +10,13 @@ Decoding runs on a thread pool: zstd, BLAKE3, file reads and pwrite release the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,13 +29,53 @@ import numpy as np
 
 from engine.errors import CorruptionError, SnapferryError, UsageError
 from engine.progress import NullProgress, Progress
-from engine.store.chunkfmt import decode_verified
+from engine.store.chunkfmt import decode_for_read
 from engine.store.index import DiskIndex
 from engine.store.manifest import Manifest
 from engine.store.repo import Repository
 
 RestoreFormat = Literal["raw", "qcow2"]
-_IN_FLIGHT_PER_WORKER = 4
+_IN_FLIGHT_PER_WORKER = 2  # batches queued per thread
+BATCH_BYTES = 4 << 20
+"""Chunks handed to a decode thread at once (4 MiB: 64 chunks of 64 KiB, 4 of 1 MiB)."""
+WRITEBACK_EVERY = 32 << 20
+"""Start the kernel's write-out of the target every this many bytes written."""
+_SYNC_FILE_RANGE_WRITE = 2
+_libc: ctypes.CDLL | None = None
+
+
+class _Writeback:
+    """Overlap the target's write-out to disk with decoding.
+
+    Without it the final ``fdatasync`` waited for every dirty page at once: about half
+    of a restore's time here. Every ``WRITEBACK_EVERY`` bytes the main thread asks the
+    kernel to start writing the file's dirty pages (``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``: asynchronous, no metadata, no waiting for completion),
+    so the final ``fdatasync`` finds little left to do. A no-op where the call is
+    missing (non-Linux) or fails: the final ``fdatasync`` still gives durability.
+    """
+
+    def __init__(self, fd: int, every: int | None = None) -> None:
+        global _libc
+        self.fd = fd
+        self.every = every if every is not None else WRITEBACK_EVERY
+        self.pending = 0
+        self.fn: Any = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                if _libc is None:
+                    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                fn = _libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                self.fn = fn
+
+    def wrote(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= self.every and self.fn is not None:
+            self.pending = 0
+            if self.fn(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+                self.fn = None  # unsupported here (e.g. EINVAL, ESPIPE): stop trying
 
 
 @dataclass(slots=True)
@@ -101,6 +144,19 @@ def _groups(index: DiskIndex) -> tuple[int, Iterator[tuple[bytes, np.ndarray]]]:
     return len(counts), gen()
 
 
+def _batches(
+    groups: Iterator[tuple[bytes, np.ndarray]], per: int
+) -> Iterator[list[tuple[bytes, np.ndarray]]]:
+    batch: list[tuple[bytes, np.ndarray]] = []
+    for g in groups:
+        batch.append(g)
+        if len(batch) >= per:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _write_chunks(
     repo: Repository,
     index: DiskIndex,
@@ -108,24 +164,30 @@ def _write_chunks(
     workers: int,
     progress: Progress,
 ) -> tuple[int, int]:
-    """Decode, check and pwrite every non-null chunk. Returns (unique chunks, bytes)."""
+    """Decode, check and pwrite every non-null chunk. Returns (unique chunks, bytes).
+
+    Work goes to the threads in batches of about ``BATCH_BYTES`` (one task per chunk
+    cost more in futures and GIL hand-offs than the decoding of a 64 KiB chunk)."""
     unique, groups = _groups(index)
     store = repo.store
     seed = repo.seed
-    last = len(index) - 1
+    cs = index.chunk_size
+    vsize = index.virtual_size
     written = 0
+    wb = _Writeback(fd)
 
     def one(cid: bytes, positions: np.ndarray) -> int:
-        data = decode_verified(store.get(cid), cid, seed)
+        data = decode_for_read(store.get(cid), cid, seed)
         mv = memoryview(data)
+        have = len(mv)
         n = 0
         for p in positions.tolist():
-            want = index.length(p)
-            if len(data) != want and not (p == last and len(data) > want):
+            off = p * cs
+            want = min(cs, vsize - off)
+            if have != want and not (have > want and off + cs >= vsize):
                 raise CorruptionError(
-                    f"chunk {cid.hex()} is {len(data)} bytes but chunk #{p} needs {want}"
+                    f"chunk {cid.hex()} is {have} bytes but chunk #{p} needs {want}"
                 )
-            off = p * index.chunk_size
             buf = mv[:want]
             while buf:
                 k = os.pwrite(fd, buf, off)
@@ -134,27 +196,31 @@ def _write_chunks(
             n += want
         return n
 
+    def batch(items: list[tuple[bytes, np.ndarray]]) -> int:
+        return sum(one(cid, pos) for cid, pos in items)
+
+    def done(n: int) -> None:
+        nonlocal written
+        written += n
+        wb.wrote(n)
+        progress.advance(n)
+
+    batches = _batches(groups, max(1, BATCH_BYTES // cs))
     if workers <= 1:
-        for cid, pos in groups:
-            n = one(cid, pos)
-            written += n
-            progress.advance(n)
+        for items in batches:
+            done(batch(items))
         return unique, written
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
         pending: deque[Future[int]] = deque()
         limit = workers * _IN_FLIGHT_PER_WORKER
         try:
-            for cid, pos in groups:
-                pending.append(pool.submit(one, cid, pos))
+            for items in batches:
+                pending.append(pool.submit(batch, items))
                 if len(pending) >= limit:
-                    n = pending.popleft().result()
-                    written += n
-                    progress.advance(n)
+                    done(pending.popleft().result())
             while pending:
-                n = pending.popleft().result()
-                written += n
-                progress.advance(n)
+                done(pending.popleft().result())
         finally:
             for f in pending:
                 f.cancel()
@@ -215,7 +281,7 @@ def restore(
             os.ftruncate(fd, index.virtual_size)
             unique, written = _write_chunks(repo, index, fd, nworkers, progress)
             if fmt == "raw":
-                os.fsync(fd)
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         if fmt == "qcow2":

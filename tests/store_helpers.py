@@ -1,9 +1,9 @@
 """Test helpers of the store area: build restore points straight through the store API.
 
 ``backup_image`` is a small sequential stand-in for the real backup pipeline (which has
-its own end-to-end tests): it reads a local image file chunk by chunk, exactly the way
-the pipeline's workers use the store (zero check, keyed id, dedup hit with a BLAKE3
-check, encode, put), then commits the restore point.
+its own end-to-end tests): it reads a local image file chunk by chunk, the way the
+pipeline's workers should use the store (zero check, keyed id, ``has_valid`` dedup check
+with BLAKE3, encode, ``put(replace=True)``), then commits the restore point.
 """
 
 from __future__ import annotations
@@ -65,14 +65,18 @@ def backup_image(
                     continue
                 cid = chunk_id(repo.seed, mv)
                 digest = strong_digest(mv)
-                if repo.store.has(cid):
-                    assert repo.store.header(cid).digest == digest, "id collision"
+                # has_valid: a torn chunk (crash before a commit) is not a dedup hit,
+                # and an intact chunk holding other data raises (never alias)
+                if repo.store.has_valid(cid, digest, n):
                     entry.chunks_reused += 1
                 else:
                     blob = encode_chunk(mv, level=repo.zstd_level, digest=digest)
-                    if repo.store.put(cid, blob):
+                    if repo.store.put(cid, blob, replace=True):
                         entry.chunks_new += 1
                         entry.bytes_stored += len(blob)
+                    else:  # stored meanwhile by someone else: the same alias check
+                        assert repo.store.has_valid(cid, digest, n)
+                        entry.chunks_reused += 1
                 idx.set(i, cid)
         indexes[disk] = idx
         entries.append(entry)

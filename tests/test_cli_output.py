@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, cli_env, run_cli, snapferry_exe
 
 from cli.main import main, parse_size
+from engine.store.repo import DEFAULT_CHUNK_SIZE
 
 BACKUP_KEYS = {"backup_id", "mode", "seconds", "disks"}
 DISK_KEYS = {"name", "virtual_size", "bytes_read", "bytes_stored", "chunks_new", "chunks_reused"}
@@ -104,7 +105,7 @@ def test_python_dash_m_cli(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "cli", "init", str(tmp_path / "r"), "--json"],
                        capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["chunk_size"] == 1 << 20
+    assert json.loads(p.stdout)["chunk_size"] == DEFAULT_CHUNK_SIZE
 
 
 def test_main_in_process(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,10 +18,16 @@ class ChunkStore(Protocol):
 
     def has(self, cid: bytes) -> bool: ...
 
-    def put(self, cid: bytes, blob: bytes) -> bool:
-        """Store ``blob`` under ``cid`` atomically and durably (file fsynced; directory
-        entries made durable by the next ``sync()``). Returns False when it was
-        already there. Raises ``RepositoryError`` on I/O failure (disk full, ...)."""
+    def put(self, cid: bytes, blob: bytes, *, replace: bool = False) -> bool:
+        """Store ``blob`` under ``cid`` atomically (temp file + rename); durability
+        comes from ``sync_all()`` before the commit point. Returns False when an intact
+        chunk was already there; ``replace=True`` replaces a torn one. Raises
+        ``RepositoryError`` on I/O failure (disk full, ...)."""
+        ...
+
+    def has_valid(self, cid: bytes, digest: bytes, raw_len: int) -> bool:
+        """True when an intact chunk holds this data; False when absent or torn.
+        Raises ``CorruptionError`` when an intact chunk under ``cid`` holds other data."""
         ...
 
     def get(self, cid: bytes) -> bytes:
@@ -39,7 +45,7 @@ class ChunkStore(Protocol):
         ...
 
     def sync(self) -> None:
-        """Make every ``put`` since the last ``sync`` durable (fsync directories)."""
+        """Make every ``put`` since the last ``sync`` durable."""
         ...
 
     def sync_all(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -12,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import CorruptionError, RepositoryError
-from engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, parse_header
+from engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, check_blob, parse_header
 
 CHUNKS_DIR = "chunks"
 _TMP_SUFFIX = ".tmp"
 _counter = itertools.count()
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def io_error(what: str, e: OSError) -> RepositoryError:
@@ -72,14 +74,20 @@ class LocalChunkStore:
     ``root`` is the repository directory; chunks live under ``root/chunks``.
     Safe for concurrent use from several processes (each builds its own object from
     the path) and from several threads of one process.
+
+    Durability: ``put`` does not fsync (a per-chunk fsync cost more than compressing a
+    1 MiB chunk here); ``sync``/``sync_all`` flush the whole filesystem (``syncfs``),
+    which ``Repository.commit_restore_point`` runs before the manifest rename, the only
+    commit point. A chunk torn by a crash before that is referenced by no manifest;
+    writers must not dedup against it: use ``has_valid`` (not ``has``/``header``) on the
+    dedup path and ``put(..., replace=True)`` to overwrite a torn file. See
+    docs/FORMAT.md, *Commit protocol*.
     """
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.base = self.root / CHUNKS_DIR
         self._base_s = str(self.base)
-        self._touched: set[str] = set()
-        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
         return {"root": self.root}
@@ -97,24 +105,66 @@ class LocalChunkStore:
 
     # -- protocol ------------------------------------------------------------------
     def has(self, cid: bytes) -> bool:
+        """A file exists under ``cid`` (it may be torn: see ``has_valid``)."""
         return os.path.exists(self.path_of(cid))
 
-    def put(self, cid: bytes, blob: bytes) -> bool:
-        final = self.path_of(cid)
-        if os.path.exists(final):
+    def has_valid(self, cid: bytes, digest: bytes, raw_len: int) -> bool:
+        """The dedup check: may data with BLAKE3 ``digest`` and length ``raw_len`` reuse
+        the chunk stored under ``cid``?
+
+        True: an intact chunk (header, size and CRC over the whole blob check out) holds
+        exactly that data. False: no chunk, or a torn/damaged file (e.g. left by a
+        crash before a commit): the caller encodes the data and stores it with
+        ``put(cid, blob, replace=True)``. Raises ``CorruptionError`` when an intact
+        chunk under this id holds *different* data (an XXH3 collision: never alias).
+        Costs one failed ``open`` when absent, a read + CRC-32 of the blob when present.
+        """
+        blob = self._read(cid, missing_ok=True)
+        if blob is None:
             return False
-        d = os.path.dirname(final)
+        try:
+            hdr = check_blob(blob)
+        except CorruptionError:
+            return False
+        if hdr.digest != digest or hdr.raw_len != raw_len:
+            raise CorruptionError(
+                f"chunk id {cid.hex()} already names different data (hash collision/alias): "
+                "refusing to deduplicate; the backup was not committed"
+            )
+        return True
+
+    def is_intact(self, cid: bytes) -> bool:
+        """A chunk is stored under ``cid`` and passes ``check_blob`` (no decode)."""
+        blob = self._read(cid, missing_ok=True)
+        if blob is None:
+            return False
+        try:
+            check_blob(blob)
+        except CorruptionError:
+            return False
+        return True
+
+    def put(self, cid: bytes, blob: bytes, *, replace: bool = False) -> bool:
+        """Store ``blob`` under ``cid`` (temp file + rename; no fsync: see the class doc).
+
+        Returns False when a chunk was already there (nothing written). With
+        ``replace=True`` an existing file that is not intact (torn by a crash, damaged)
+        is atomically replaced (returns True); an intact one is never overwritten.
+        """
+        final = self.path_of(cid)
+        if os.path.exists(final) and (not replace or self.is_intact(cid)):
+            return False
+        d = final[: final.rindex("/")]
         uniq = f"{os.getpid()}.{threading.get_ident()}.{next(_counter)}"
         tmp = f"{d}/.{cid.hex()}.{uniq}{_TMP_SUFFIX}"
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            except FileNotFoundError:
-                self._make_dirs(d)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                fd = os.open(tmp, _CREATE_FLAGS, 0o444)
+            except FileNotFoundError:  # first chunk in this ab/cd directory
+                os.makedirs(d, exist_ok=True)
+                fd = os.open(tmp, _CREATE_FLAGS, 0o444)
             try:
                 write_all(fd, blob)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             # rename over a concurrent writer's identical file is harmless
@@ -125,29 +175,45 @@ class LocalChunkStore:
             except OSError:
                 pass
             raise io_error(f"storing chunk {cid.hex()}", e) from None
-        with self._lock:
-            self._touched.add(d)
         return True
 
-    def _make_dirs(self, d: str) -> None:
-        mid = os.path.dirname(d)
-        with self._lock:
-            if not os.path.isdir(mid):
-                os.makedirs(mid, exist_ok=True)
-                self._touched.add(self._base_s)
-            os.makedirs(d, exist_ok=True)
-            self._touched.add(mid)
-
-    def get(self, cid: bytes) -> bytes:
+    def _read(self, cid: bytes, *, missing_ok: bool = False) -> bytes | None:
         try:
-            with open(self.path_of(cid), "rb", buffering=0) as f:
-                return f.read()
+            fd = os.open(self.path_of(cid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            if missing_ok:
+                return None
             raise CorruptionError(f"chunk {cid.hex()} is missing from the repository") from None
         except OSError as e:
             raise io_error(f"reading chunk {cid.hex()}", e) from None
+        try:
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size)
+            if len(data) < size:  # short read (signals, odd filesystems): finish it
+                parts = [data]
+                got = len(data)
+                while got < size:
+                    more = os.read(fd, size - got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            return data
+        except OSError as e:
+            raise io_error(f"reading chunk {cid.hex()}", e) from None
+        finally:
+            os.close(fd)
+
+    def get(self, cid: bytes) -> bytes:
+        blob = self._read(cid)
+        assert blob is not None
+        return blob
 
     def header(self, cid: bytes) -> ChunkHeader:
+        """The parsed header, after a size check (cheap: no payload read). Not enough
+        for a dedup decision: a torn file may have its header but not its payload on
+        disk; use ``has_valid``."""
         try:
             fd = os.open(self.path_of(cid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -169,12 +235,8 @@ class LocalChunkStore:
 
     def delete(self, cid: bytes) -> None:
         p = self.path_of(cid)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-        except FileNotFoundError:
-            return
-        with self._lock:
-            self._touched.add(os.path.dirname(p))
 
     def iterate(self) -> Iterator[bytes]:
         for _path, name in self._files():
@@ -207,24 +269,20 @@ class LocalChunkStore:
         return out
 
     def sync(self) -> None:
-        with self._lock:
-            touched, self._touched = self._touched, set()
-        try:
-            for d in sorted(touched, key=len, reverse=True):
-                fsync_dir(d)
-        except OSError as e:
-            self._touched |= touched
-            raise io_error("syncing the chunk store", e) from None
+        """Make every chunk put so far durable, directory entries included.
 
-    def sync_all(self) -> None:
-        """Make every chunk written by ANY process durable (``syncfs`` of the store's
-        filesystem): the coordinator calls this before the commit point, so directory
-        entries of chunks put by worker processes are covered too."""
-        self.sync()
+        One ``syncfs`` of the store's filesystem: cheaper than an fsync per chunk and
+        per directory (64 Ki ``ab/cd`` directories at most), and it also covers chunks
+        put by other processes (the reader workers)."""
         try:
             syncfs(self.root)
         except OSError as e:
             raise io_error("syncing the chunk store", e) from None
+
+    def sync_all(self) -> None:
+        """Make every chunk written by ANY process durable (``syncfs`` of the store's
+        filesystem): the coordinator calls this before the commit point."""
+        self.sync()
 
     def stored_bytes(self) -> int:
         total = 0

@@ -34,7 +34,7 @@ from engine.store.manifest import Manifest
 
 REPO_FORMAT = 1
 REPO_KIND = "snapferry-repository"
-DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see docs/chunk-size.md
+DEFAULT_CHUNK_SIZE = 256 << 10  # 256 KiB: see docs/chunk-size.md
 DEFAULT_ZSTD_LEVEL = 1  # see docs/chunk-size.md
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 4 << 20
