@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -198,6 +199,7 @@ class BackupSession:
         self._pool: ReaderPool | None = None
         self._disks: list[_DiskState] = []
         self._new_ids: set[bytes] = set()
+        self._writeback: threading.Thread | None = None
         self._t0 = time.monotonic()
         self._copy_seconds = 0.0
         self._verify_seconds = 0.0
@@ -272,7 +274,6 @@ class BackupSession:
         if len(set(names)) != len(names):
             raise UsageError(f"disk names must be unique: {names}")
         t0 = time.monotonic()
-        self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
         cs = self.repo.chunk_size
         cfg = PoolConfig(
             repo_path=str(self.repo.path),
@@ -281,25 +282,31 @@ class BackupSession:
             zstd_level=self.repo.zstd_level,
             item_bytes=max(cs, self.options.item_bytes),
         )
-        n_items = sum(-(-sum(c for _f, c in st.runs) // cfg.item_chunks) for st in self._disks)
         workers = self.options.workers or len(os.sched_getaffinity(0)) or 1
         for d in disks:
             limit = getattr(d.source, "max_connections", None)
+            if isinstance(limit, int) and limit > 0:
+                if not callable(getattr(d.source, "release", None)):
+                    limit -= 1  # the caller's connection stays open
+                workers = min(workers, max(1, limit))
+        # Spawn the workers first: their start-up (interpreter, imports) overlaps the
+        # planning below. They open no disk until the first work item arrives, which is
+        # after the caller's connections are released.
+        pool = self._pool = ReaderPool(cfg, max(1, workers))
+        pool.start()
+        self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
+        for d in disks:
             release = getattr(d.source, "release", None)
             if callable(release):
                 # drop the caller's connection (extents are known): a server that takes
                 # few clients (qemu-nbd -e 1) must accept the workers' connections
                 release()
-            if isinstance(limit, int) and limit > 0:
-                if not callable(release):
-                    limit -= 1  # the caller's connection stays open
-                workers = min(workers, max(1, limit))
+        n_items = sum(-(-sum(c for _f, c in st.runs) // cfg.item_chunks) for st in self._disks)
         workers = max(1, min(workers, max(1, n_items)))
+        pool.shrink(workers)
         self._workers = workers
         total = sum(run_bytes(st.runs, cs, st.size) for st in self._disks)
         self.progress.start(f"backup {self.vm}", total)
-        pool = self._pool = ReaderPool(cfg, workers)
-        pool.start()
         for st in self._disks:
             pool.add_disk(st.no, st.input.source.spec(), st.size)
 
@@ -309,9 +316,29 @@ class BackupSession:
                     yield ("copy", item)
 
         pool.run(messages(), self._on_batch)
-        pool.run([("sync",)], lambda _r: None, broadcast=True)
+        self._start_writeback()
         self.progress.finish()
         self._copy_seconds = time.monotonic() - t0
+
+    def _start_writeback(self) -> None:
+        """Flush the new chunks (``syncfs``) in the background while verify re-reads
+        them: the commit's own ``sync_all`` (the durability point, which reports any
+        error) then finds little left to write. Was a blocking ``sync`` in every worker
+        between copy and verify."""
+        store = self.repo.store
+
+        def flush() -> None:
+            with contextlib.suppress(Exception):
+                store.sync_all()
+
+        t = self._writeback = threading.Thread(target=flush, name="snapferry-writeback")
+        t.daemon = True
+        t.start()
+
+    def _join_writeback(self) -> None:
+        t, self._writeback = self._writeback, None
+        if t is not None:
+            t.join()
 
     def _on_batch(self, r: BatchResult) -> None:
         st = self._disks[r.disk]
@@ -371,6 +398,7 @@ class BackupSession:
         pool.close()
         self._rss = pool.stats.peak_rss_kib()
         self._pool = None
+        self._join_writeback()
         self._verify_seconds = time.monotonic() - t0
 
     # -- commit / abort ------------------------------------------------------------------

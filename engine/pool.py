@@ -159,15 +159,22 @@ class _Worker:
         src = self.source(item.disk)
         n = item.chunks
         chunks = np.empty(n, dtype=np.int64)
-        ids = np.zeros((n, ID_SIZE), dtype=np.uint8)
+        # ids collect in one bytearray (zero = NULL_ID) and become an array at the end:
+        # a per-chunk numpy conversion cost more than the id itself
+        idbuf = bytearray(n * ID_SIZE)
         new = np.zeros(n, dtype=bool)
         stored = np.zeros(n, dtype=np.int64)
         bytes_read = 0
         k = 0
         bufchunks = len(self.buf) // cs
         store = self.store
+        has_valid = store.has_valid
+        put = store.put
         seed = self.cfg.seed
         level = self.cfg.zstd_level
+        cctx = self.cctx
+        mv = self.mv
+        hooks = self.kill_after is not None or self.stall_after is not None
         for first, count in item.runs:
             c = first
             end_chunk = first + count
@@ -177,14 +184,15 @@ class _Worker:
                 length = min(take * cs, size - off)
                 if length <= 0:
                     raise SnapferryError(f"chunk {c} lies beyond the end of disk {item.disk}")
-                self._test_hooks()
-                src.readinto(self.mv[:length], off)
+                if hooks:
+                    self._test_hooks()
+                src.readinto(mv[:length], off)
                 bytes_read += length
+                chunks[k : k + take] = np.arange(c, c + take, dtype=np.int64)
                 for j in range(take):
                     a = j * cs
                     b = min(a + cs, length)
-                    data = self.mv[a:b]
-                    chunks[k] = c + j
+                    data = mv[a:b]
                     if not is_zero(data):
                         cid = chunk_id(seed, data)
                         digest = strong_digest(data)
@@ -192,19 +200,20 @@ class _Worker:
                         # has_valid() raises on an alias (same id, other data) and
                         # says False for a chunk file torn by an earlier crash, which
                         # put(replace=True) then replaces.
-                        if not store.has_valid(cid, digest, b - a):
-                            blob = encode_chunk(data, level=level, cctx=self.cctx, digest=digest)
-                            if store.put(cid, blob, replace=True):
+                        if not has_valid(cid, digest, b - a):
+                            blob = encode_chunk(data, level=level, cctx=cctx, digest=digest)
+                            if put(cid, blob, replace=True):
                                 new[k] = True
                                 stored[k] = len(blob)
-                            elif not store.has_valid(cid, digest, b - a):
+                            elif not has_valid(cid, digest, b - a):
                                 raise CorruptionError(
                                     f"chunk {cid.hex()} could not be stored intact"
                                 )
-                        ids[k] = np.frombuffer(cid, dtype=np.uint8)
+                        idbuf[k * ID_SIZE : (k + 1) * ID_SIZE] = cid
                     k += 1
-                    self.done_chunks += 1
+                self.done_chunks += take
                 c += take
+        ids = np.frombuffer(idbuf, dtype=np.uint8).reshape(n, ID_SIZE)
         return BatchResult(item.disk, chunks, ids, new, stored, bytes_read)
 
     def verify(self, quick: bytes, deep: bytes) -> tuple[int, int]:
@@ -351,6 +360,7 @@ class _Slot:
         self.conn = conn
         self.pending: deque[int] = deque()
         self.alive = True
+        self.reaped = False  # joined and closed
 
 
 class ReaderPool:
@@ -412,17 +422,32 @@ class ReaderPool:
         for s in self.slots:
             self._send(s, ("disk", 0, disk, spec, size))
 
+    def shrink(self, workers: int) -> None:
+        """Kill the workers beyond the first ``workers`` (there is less work than
+        workers); only before any work was sent to them: they have done nothing."""
+        n = max(1, workers)
+        extra = self.slots[n:]
+        if extra:
+            del self.slots[n:]
+            self.nworkers = len(self.slots)
+            self._kill(extra)
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the workers gracefully and collect their statistics."""
         if self._closed:
             return
         self._closed = True
-        for s in self.slots:
+        self._stop(self.slots, timeout)
+        self._unregister()
+
+    def _stop(self, slots: list[_Slot], timeout: float) -> None:
+        """Ask ``slots`` to exit, collect their statistics, wait, then kill stragglers."""
+        for s in slots:
             if s.alive:
                 with contextlib.suppress(OSError, ValueError):
                     s.conn.send(None)
         deadline = time.monotonic() + timeout
-        for s in self.slots:
+        for s in slots:
             if not s.alive:
                 continue
             try:
@@ -435,7 +460,7 @@ class ReaderPool:
             except (EOFError, OSError):
                 pass
             s.proc.join(max(0.0, deadline - time.monotonic()))
-        self._kill_all()
+        self._kill(slots)
 
     def terminate(self) -> None:
         """Kill every worker at once (abort); idempotent."""
@@ -446,18 +471,23 @@ class ReaderPool:
         _LIVE.discard(self)
 
     def _kill_all(self) -> None:
-        for s in self.slots:
+        self._kill(self.slots)
+        self._unregister()
+
+    def _kill(self, slots: list[_Slot]) -> None:
+        slots = [s for s in slots if not s.reaped]
+        for s in slots:
             if s.proc.is_alive():
                 with contextlib.suppress(OSError):
                     s.proc.kill()
-        for s in self.slots:
+        for s in slots:
             s.proc.join(5.0)
             s.alive = False
+            s.reaped = True
             with contextlib.suppress(OSError):
                 s.conn.close()
             with contextlib.suppress(ValueError):
                 s.proc.close()
-        self._unregister()
 
     # -- dispatch ------------------------------------------------------------------------
     def _send(self, s: _Slot, msg: tuple[Any, ...]) -> None:
