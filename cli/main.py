@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VM sources: guest freeze policy")
     p.add_argument("--retries", type=int, default=1, metavar="N",
                    help="VM sources: quiesce retries")
+    p.add_argument("--qemu-strategy", choices=("overlay", "fleecing"), default="overlay",
+                   help="QEMU: overlay + block-commit (default) or fleecing "
+                        "(copy-before-write, no commit phase)")
     p.add_argument("--vddk-libdir", metavar="DIR", help="vSphere: VDDK library directory")
     p.add_argument("--transport", choices=("vddk", "nbd"), default=None,
                    help="vSphere: read disks through VDDK or nbdkit's vddk plugin")

@@ -27,6 +27,7 @@ def backup_vm(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     progress = make_progress(args.json)
     topts = TargetOptions(
+        qemu_strategy=getattr(args, "qemu_strategy", "overlay"),
         vsphere=VsphereCliOptions(
             vddk_libdir=args.vddk_libdir,
             transport=args.transport,

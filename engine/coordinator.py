@@ -297,7 +297,7 @@ def _one_attempt(
             mark("verify", t0)
             _test_fault("verify")
             t0 = time.monotonic()
-            progress.note("commit: merging writes made during the backup into the base disks")
+            progress.note("commit: handing the disks back to the VM")
             hv.commit()
             committed = True
             _test_fault("commit")

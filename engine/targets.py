@@ -72,6 +72,7 @@ class VsphereCliOptions:
 @dataclass
 class TargetOptions:
     agent_timeout: float = 10.0
+    qemu_strategy: str = "overlay"  # "overlay" (snapshot + block-commit) | "fleecing"
     vsphere: VsphereCliOptions = field(default_factory=VsphereCliOptions)
     progress: Progress = field(default_factory=NullProgress)
 
@@ -100,11 +101,18 @@ def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hyperv
 def _qemu(t: QemuTarget, work_dir: Path, opts: TargetOptions) -> Hypervisor:
     from engine.qemu.backend import QemuHypervisor
 
+    cls: type[QemuHypervisor] = QemuHypervisor
+    if opts.qemu_strategy == "fleecing":
+        from engine.qemu.fleecing import QemuFleecingHypervisor
+
+        cls = QemuFleecingHypervisor
+    elif opts.qemu_strategy != "overlay":
+        raise UsageError(f"unknown QEMU strategy {opts.qemu_strategy!r}: overlay or fleecing")
     work_dir.mkdir(parents=True, exist_ok=True)
     name = t.name
     if name is None:
         name = Path(t.qmp_socket).parent.name or Path(t.qmp_socket).stem
-    return QemuHypervisor(
+    return cls(
         t.qmp_socket,
         t.agent_socket,
         work_dir=work_dir,
