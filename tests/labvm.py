@@ -135,7 +135,7 @@ def bitmaps(vm: LabVm, node: str = "lab-disk0") -> dict[str, dict[str, Any]]:
     try:
         for n in q.cmd("query-named-block-nodes", {"flat": True}):
             if n.get("node-name") == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
         return {}
     finally:
         q.close()
