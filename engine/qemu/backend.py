@@ -418,10 +418,16 @@ class QemuHypervisor:
             plans.append(self._export_disk(d))
         return plans
 
+    def _export_node(self, d: _Disk) -> tuple[str, dict[str, Any]]:
+        """The node holding the point-in-time image of ``d`` and facts for the manifest
+        (the overlay path exports the base node itself)."""
+        return d.node, {"overlay": str(d.overlay_file)}
+
     def _export_disk(self, d: _Disk) -> DiskPlan:
+        node, meta = self._export_node(d)
         d.export_id = f"{EXPORT_PREFIX}{d.index}"
         export_name = f"sf-{d.name}"
-        args: dict[str, Any] = {"type": "nbd", "id": d.export_id, "node-name": d.node,
+        args: dict[str, Any] = {"type": "nbd", "id": d.export_id, "node-name": node,
                                 "name": export_name, "writable": False}
         if d.incremental:
             args["bitmaps"] = [d.parent_bitmap]
@@ -443,7 +449,7 @@ class QemuHypervisor:
             changed=changed,
             tracking={"bitmap": d.new_bitmap, "node": d.node, "file": d.file},
             full_reason=d.full_reason,
-            meta={"export": uri, "overlay": str(d.overlay_file),
+            meta={"export": uri, **meta,
                   "parent_bitmap": d.parent_bitmap if d.incremental else None},
         )
 

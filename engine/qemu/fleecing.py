@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import HypervisorError, SnapferryError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
-from engine.qemu.backend import BITMAP_PREFIX, EXPORT_PREFIX, QemuHypervisor, _Disk, _merge_ranges
+from engine.hypervisor import BackupMode, ParentDisk, VmInfo
+from engine.qemu.backend import BITMAP_PREFIX, QemuHypervisor, _Disk
 from engine.qemu.qmp import Event, QmpCommandError, QmpConnectionError
 
 FLEECE_NODE_PREFIX = "sf-fleece-"
@@ -151,35 +151,10 @@ class QemuFleecingHypervisor(QemuHypervisor):
         self._snapshotted = True
 
     # -- export ------------------------------------------------------------------------
-    def _export_disk(self, d: _Disk) -> DiskPlan:
+    def _export_node(self, d: _Disk) -> tuple[str, dict[str, Any]]:
+        # the fleece node; the parent bitmap is found on d.node via the backing link
         node, image = self._fleece[d.name]
-        d.export_id = f"{EXPORT_PREFIX}{d.index}"
-        export_name = f"sf-{d.name}"
-        args: dict[str, Any] = {"type": "nbd", "id": d.export_id, "node-name": node,
-                                "name": export_name, "writable": False}
-        if d.incremental:
-            args["bitmaps"] = [d.parent_bitmap]  # found on d.node via the backing link
-        try:
-            self._qmp.cmd("block-export-add", args)
-        except QmpCommandError as e:
-            raise HypervisorError(f"cannot export disk {d.name}: {e.desc}") from e
-        uri = f"nbd+unix:///{export_name}?socket={self._nbd_socket}"
-        source = self._open_source(uri, d.parent_bitmap if d.incremental else None)
-        self._sources.append(source)
-        changed: list[tuple[int, int]] | None = None
-        if d.incremental:
-            changed = _merge_ranges(
-                (e.offset, e.length) for e in source.extents(0, d.size, dirty=True) if e.dirty
-            )
-        return DiskPlan(
-            name=d.name,
-            source=source,
-            changed=changed,
-            tracking={"bitmap": d.new_bitmap, "node": d.node, "file": d.file},
-            full_reason=d.full_reason,
-            meta={"export": uri, "strategy": STRATEGY, "fleece": str(image),
-                  "parent_bitmap": d.parent_bitmap if d.incremental else None},
-        )
+        return node, {"strategy": STRATEGY, "fleece": str(image)}
 
     # -- commit (= stop fleecing) / relock -----------------------------------------------
     def commit(self) -> None:
