@@ -17,6 +17,7 @@ ACCEPTED_FORMS = (
     "nbd://HOST[:PORT]/EXPORT",
     "nbds://HOST[:PORT]/EXPORT",
     "nbd+unix:///EXPORT?socket=PATH",
+    "VMs: qemu+unix:///PATH/qmp.sock?agent=PATH, vsphere://USER@HOST/VM, lab",
 )
 
 
