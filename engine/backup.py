@@ -232,17 +232,23 @@ class BackupSession:
         return "incremental" if self.parent is not None else "full"
 
     # -- copy ----------------------------------------------------------------------------
-    def copy(self, disks: list[DiskInput]) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"copy() in state {self._state}")
+    @contextlib.contextmanager
+    def _abort_on_failure(self) -> Iterator[None]:
+        """Any failure (Ctrl-C included) rolls the session back before it propagates."""
         try:
-            self._copy(disks)
+            yield
         except KeyboardInterrupt:
             self.abort()
             raise BackupAborted(INTERRUPTED) from None
         except BaseException:
             self.abort()
             raise
+
+    def copy(self, disks: list[DiskInput]) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"copy() in state {self._state}")
+        with self._abort_on_failure():
+            self._copy(disks)
         self._state = "copied"
 
     def _plan(self, no: int, d: DiskInput) -> _DiskState:
@@ -363,14 +369,8 @@ class BackupSession:
         ``verify="full"`` the chunks this backup wrote are read back and re-hashed."""
         if self._state != "copied":
             raise RuntimeError(f"verify() in state {self._state}")
-        try:
+        with self._abort_on_failure():
             self._verify()
-        except KeyboardInterrupt:
-            self.abort()
-            raise BackupAborted(INTERRUPTED) from None
-        except BaseException:
-            self.abort()
-            raise
         self._state = "verified"
 
     def _verify(self) -> None:
@@ -414,14 +414,8 @@ class BackupSession:
             self.verify()
         if self._state != "verified":
             raise RuntimeError(f"commit() in state {self._state}")
-        try:
+        with self._abort_on_failure():
             result = self._commit(consistency, quiesced, freeze_ms, extra)
-        except KeyboardInterrupt:
-            self.abort()
-            raise BackupAborted(INTERRUPTED) from None
-        except BaseException:
-            self.abort()
-            raise
         self._state = "committed"
         self._locks.close()
         return result
