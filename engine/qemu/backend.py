@@ -664,6 +664,11 @@ class QemuHypervisor:
         if errors:
             raise HypervisorError("cleanup incomplete: " + "; ".join(errors))
 
+    def _release_point_in_time(self, errors: list[str]) -> None:
+        """Cleanup hook, after the exports are gone and before overlays are committed:
+        a strategy that holds the point-in-time image elsewhere (fleecing) drops it here.
+        The overlay path has nothing to do: its overlays are committed below."""
+
     def _cleanup_qemu(self, errors: list[str]) -> None:
         self._qmp.connect()
         try:
@@ -672,6 +677,7 @@ class QemuHypervisor:
             raise
         except SnapferryError as e:
             errors.append(f"removing the NBD export: {e}")
+        self._release_point_in_time(errors)
         # Commit any overlay of ours still active (the writes in it are the guest's).
         for i, entry in enumerate(self._qmp.cmd("query-block")):
             ins = entry.get("inserted") or {}

@@ -212,14 +212,7 @@ class QemuFleecingHypervisor(QemuHypervisor):
             raise HypervisorError(f"fleecing still attached to the VM: {', '.join(left)}")
 
     # -- cleanup -------------------------------------------------------------------------
-    def _cleanup_qemu(self, errors: list[str]) -> None:
-        self._qmp.connect()
-        try:
-            self._remove_exports()
-        except QmpConnectionError:
-            raise
-        except SnapferryError as e:
-            errors.append(f"removing the NBD export: {e}")
+    def _release_point_in_time(self, errors: list[str]) -> None:
         try:
             self._drop_fleecing(errors)
         except QmpConnectionError:
@@ -227,4 +220,3 @@ class QemuFleecingHypervisor(QemuHypervisor):
         except SnapferryError as e:
             errors.append(f"stopping the fleecing: {e}")
         self._snapshotted = False  # the base nodes were writable all along
-        super()._cleanup_qemu(errors)  # overlays (none of ours) + bitmap bookkeeping
