@@ -6,7 +6,9 @@ the guest), the real QEMU backend, the real reader pool and a real repository.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from engine.errors import SourceError
 from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
 from engine.progress import NullProgress, Progress
 from engine.qemu import labcheck
+from engine.qemu.agent import AgentError, GuestAgent
 from engine.qemu.backend import QemuHypervisor, SourceOpener, default_source_opener
 from engine.qemu.lab import LabVm, lab_write
 from engine.restore import restore
@@ -226,3 +229,32 @@ class HookProgress(NullProgress):
         if self.on_first_advance is not None and "advance" not in self.fired:
             self.fired.append("advance")
             self.on_first_advance()
+
+
+@contextlib.contextmanager
+def guest_ticker(vm: LabVm, log: str = "/data0/tick.log") -> Iterator[list[float]]:
+    """A guest loop appending /proc/uptime to ``log`` every ~50 ms: a write blocked by the
+    freeze (or slowed by copy-before-write) shows as a gap. Yields a list filled, on exit,
+    with the guest's tick times (s). Measurement only (reported, never asserted on)."""
+    ticks: list[float] = []
+    script = (f"rm -f {log}; while :; do read up idle < /proc/uptime; "
+              f"echo $up >> {log}; sleep 0.05; done")
+    pid: int | None = None
+    try:
+        with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
+            pid = int(ga.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", script]})["pid"])
+    except AgentError:
+        pid = None
+    try:
+        yield ticks
+    finally:
+        if pid is not None:
+            with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
+                ga.exec_wait("/bin/kill", [str(pid)], timeout=30.0)
+                with contextlib.suppress(AgentError):
+                    ticks += [float(x) for x in ga.file_read(log).split()]
+
+
+def max_gap_ms(ticks: list[float]) -> float:
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    return max(gaps) * 1000 if gaps else float("nan")

@@ -9,17 +9,16 @@ plans the backend made, to know what the bitmap reported.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from coordvm import (
     CHUNK,
     check_restore_point,
+    guest_ticker,
     make_hv,
+    max_gap_ms,
     new_repo,
     run,
     vm_work_dir,
@@ -28,7 +27,7 @@ from coordvm import (
 from labvm import assert_vm_clean, bitmaps, lab_vm
 
 from engine.backup import merge_runs
-from engine.qemu.agent import AgentError, GuestAgent
+from engine.qemu.agent import GuestAgent
 from engine.qemu.lab import LabVm
 
 pytestmark = pytest.mark.vm
@@ -37,28 +36,7 @@ __all__ = ["lab_vm"]  # the session fixture, imported for pytest
 TICK_LOG = "/data0/tick.log"
 
 
-@contextlib.contextmanager
-def guest_ticker(vm: LabVm) -> Iterator[list[float]]:
-    """A guest loop appending /proc/uptime to /data0 every ~50 ms: a write blocked by the
-    freeze shows as a gap. Yields a list filled, on exit, with the guest's tick times (s).
-    Measurement only (reported, never asserted on)."""
-    ticks: list[float] = []
-    script = (f"rm -f {TICK_LOG}; while :; do read up idle < /proc/uptime; "
-              f"echo $up >> {TICK_LOG}; sleep 0.05; done")
-    pid: int | None = None
-    try:
-        with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
-            pid = int(ga.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", script]})["pid"])
-    except AgentError:
-        pid = None
-    try:
-        yield ticks
-    finally:
-        if pid is not None:
-            with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
-                ga.exec_wait("/bin/kill", [str(pid)], timeout=30.0)
-                with contextlib.suppress(AgentError):
-                    ticks += [float(x) for x in ga.file_read(TICK_LOG).split()]
+
 
 
 def ensure_filler(vm: LabVm, mib: int = 4) -> None:
@@ -95,11 +73,10 @@ def test_full_and_two_incrementals_while_the_guest_writes(
             expected.update(rewrite)
         hv = make_hv(lab_vm, work)
         t0 = time.monotonic()
-        with guest_ticker(lab_vm) as ticks:
+        with guest_ticker(lab_vm, TICK_LOG) as ticks:
             r = run(lab_vm, work, repo, mode="auto", hv=hv)
         took = time.monotonic() - t0
-        gaps = [b - a for a, b in itertools.pairwise(ticks)]
-        pauses.append((max(gaps) * 1000 if gaps else float("nan"), r.freeze_ms))
+        pauses.append((max_gap_ms(ticks), r.freeze_ms))
         print(f"backup {n}: {r.backup.mode}, {took:.1f} s, freeze {r.freeze_ms} ms, "
               f"read {r.backup.bytes_read} B, phases {r.phase_seconds}, "
               f"largest guest write gap {pauses[-1][0]:.0f} ms over {len(ticks)} ticks")

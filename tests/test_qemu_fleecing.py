@@ -13,15 +13,12 @@ both strategies on the same VM (printed, never asserted on).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from coordvm import (
@@ -29,7 +26,9 @@ from coordvm import (
     check_restore_point,
     count_backups,
     flaky_opener,
+    guest_ticker,
     make_hv,
+    max_gap_ms,
     new_repo,
     payload,
     vm_name,
@@ -42,7 +41,6 @@ from engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
 from engine.errors import SourceError
 from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
 from engine.progress import Progress
-from engine.qemu.agent import AgentError, GuestAgent
 from engine.qemu.backend import QemuHypervisor, SourceOpener
 from engine.qemu.fleecing import FLEECE_NODE_PREFIX, FLEECE_SUFFIX, QemuFleecingHypervisor
 from engine.qemu.lab import LabVm, lab_write
@@ -97,44 +95,13 @@ def assert_clean(vm: LabVm, work: Path) -> None:
     assert list(work.glob(f"*{FLEECE_SUFFIX}")) == []
 
 
-@contextlib.contextmanager
-def guest_ticker(vm: LabVm) -> Iterator[list[float]]:
-    """A guest loop appending /proc/uptime every ~50 ms; a write blocked by the freeze (or
-    slowed by copy-before-write) shows as a gap. Measurement only, never asserted on."""
-    ticks: list[float] = []
-    script = (f"rm -f {TICK_LOG}; while :; do read up idle < /proc/uptime; "
-              f"echo $up >> {TICK_LOG}; sleep 0.05; done")
-    pid: int | None = None
-    try:
-        with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
-            pid = int(ga.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", script]})["pid"])
-    except AgentError:
-        pid = None
-    try:
-        yield ticks
-    finally:
-        if pid is not None:
-            with GuestAgent(vm.agent_socket, timeout=30.0) as ga:
-                ga.exec_wait("/bin/kill", [str(pid)], timeout=30.0)
-                with contextlib.suppress(AgentError):
-                    ticks += [float(x) for x in ga.file_read(TICK_LOG).split()]
 
 
-def max_gap_ms(ticks: list[float]) -> float:
-    gaps = [b - a for a, b in itertools.pairwise(ticks)]
-    return max(gaps) * 1000 if gaps else float("nan")
 
 
-def named_bitmaps(vm: LabVm, node: str = "lab-disk0") -> dict[str, dict[str, Any]]:
-    """Like ``labvm.bitmaps`` but skips anonymous bitmaps (a running backup job's)."""
-    q = control(vm)
-    try:
-        for n in q.cmd("query-named-block-nodes", {"flat": True}):
-            if n.get("node-name") == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
-        return {}
-    finally:
-        q.close()
+
+
+
 
 
 @pytest.fixture
@@ -163,7 +130,7 @@ def test_full_and_incremental_with_writes_during_the_copy(
         lab_write(late, new_late, lab_dir=lab_vm.lab_dir, sync=True)
 
     hv0 = make_fhv(lab_vm, work)
-    with guest_ticker(lab_vm) as ticks:
+    with guest_ticker(lab_vm, TICK_LOG) as ticks:
         r0 = run_hv(hv0, repo, progress=HookProgress(on_start={"backup": rewrite}))
     print(f"fleecing full: freeze {r0.freeze_ms} ms, phases {r0.phase_seconds}, "
           f"largest guest write gap {max_gap_ms(ticks):.0f} ms")
@@ -180,7 +147,7 @@ def test_full_and_incremental_with_writes_during_the_copy(
     expected["/fl-late.txt"] = new_late
     expected.update(write_known(lab_vm, "fl1", 2))
     hv1 = make_fhv(lab_vm, work)
-    with guest_ticker(lab_vm) as ticks:
+    with guest_ticker(lab_vm, TICK_LOG) as ticks:
         r1 = run_hv(hv1, repo)
     print(f"fleecing incremental: freeze {r1.freeze_ms} ms, phases {r1.phase_seconds}, "
           f"read {r1.backup.bytes_read} B, largest guest write gap {max_gap_ms(ticks):.0f} ms")
@@ -306,7 +273,7 @@ def test_leftovers_of_a_dead_process_are_cleared(lab_vm: LabVm, work: Path,
         assert len(q.cmd("query-block-exports")) == 2
     finally:
         q.close()
-    assert named_bitmaps(lab_vm)[parent_bm]["recording"] is False
+    assert bitmaps(lab_vm)[parent_bm]["recording"] is False
     if by == "cleanup":
         fresh = make_fhv(lab_vm, work)
         try:
@@ -344,7 +311,7 @@ def test_measure_against_the_overlay_path(lab_vm: LabVm, work: Path, tmp_path: P
             write_known(lab_vm, f"bench-{strategy}-{rnd}", 4, 256 * 1024)
             hv = mk()
             t0 = time.monotonic()
-            with guest_ticker(lab_vm) as ticks:
+            with guest_ticker(lab_vm, TICK_LOG) as ticks:
                 r = run_hv(hv, repo)
             total = time.monotonic() - t0
             assert r.backup.mode == "incremental" and r.committed
