@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,23 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], code: int | None 
     assert lines[0].startswith("snapferry: "), p.stderr
     assert "Traceback" not in p.stderr
     return lines[0]
+
+
+@contextmanager
+def small_tmpfs(where: Path, size: str, why_root: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` for disk-full tests (needs root: skips
+    with ``why_root`` otherwise); unmounted on exit."""
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(why_root)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def manifests(repo: Path) -> list[Path]:

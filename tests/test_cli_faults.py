@@ -25,7 +25,14 @@ from pathlib import Path
 
 import imagegen
 import pytest
-from conftest import assert_one_line_error, cli_env, manifests, run_cli, snapferry_exe
+from conftest import (
+    assert_one_line_error,
+    cli_env,
+    manifests,
+    run_cli,
+    small_tmpfs,
+    snapferry_exe,
+)
 
 
 def first_backup(repo: Path, image: Path) -> str:
@@ -221,18 +228,9 @@ def test_interrupted_backup_rolls_back(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs (needs root); skipped otherwise (the RLIMIT test still runs)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root; test_file_size_limit covers disk full")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "small", "6m",
+                     "mounting a tmpfs needs root; test_file_size_limit covers disk full") as m:
+        yield m
 
 
 def test_disk_full(small_fs: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import small_tmpfs
 from store_helpers import backup_image
 
 from engine.errors import CorruptionError, RepositoryError, UsageError
@@ -278,18 +278,9 @@ def test_lock_is_not_reentrant_and_released_on_error(tmp_path: Path) -> None:
 # -- disk full ---------------------------------------------------------------------
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tiny tmpfs needs root (the RLIMIT_FSIZE test covers this)")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "tiny", "3m",
+                     "mounting a tiny tmpfs needs root (the RLIMIT_FSIZE test covers this)") as m:
+        yield m
 
 
 def test_disk_full_keeps_earlier_points(tiny_fs: Path, tmp_path: Path) -> None:
