@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from store_helpers import backup_image, chunks_of, overwrite_random
 
-from engine.restore import restore
-from engine.store import DEFAULT_ZSTD_LEVEL, Repository, encode_chunk, is_zero
-from engine.verify import repo_info
+from snapferry.engine.restore import restore
+from snapferry.engine.store import DEFAULT_ZSTD_LEVEL, Repository, encode_chunk, is_zero
+from snapferry.engine.verify import repo_info
 
 KiB = 1024
 MiB = KiB * KiB

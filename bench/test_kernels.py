@@ -14,8 +14,15 @@ from collections.abc import Iterator
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from engine.store import Repository, chunk_id, decode_chunk, encode_chunk, is_zero, strong_digest
-from engine.store.chunkfmt import compressor, decompressor
+from snapferry.engine.store import (
+    Repository,
+    chunk_id,
+    decode_chunk,
+    encode_chunk,
+    is_zero,
+    strong_digest,
+)
+from snapferry.engine.store.chunkfmt import compressor, decompressor
 
 MiB = 1 << 20
 SEED = 0x1234_5678_9ABC_DEF0

@@ -1,8 +1,8 @@
-"""``python -m cli``: the same as the ``snapferry`` command."""
+"""``python -m snapferry.cli``: the same as the ``snapferry`` command."""
 
 from __future__ import annotations
 
-from cli.main import main
+from snapferry.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

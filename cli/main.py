@@ -20,8 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from cli.output import emit_json, fail, human_bytes, make_progress
-from engine.errors import SnapferryError, UsageError
+from snapferry.cli.output import emit_json, fail, human_bytes, make_progress
+from snapferry.engine.errors import SnapferryError, UsageError
 
 REPO_ENV = "SNAPFERRY_REPO"
 DEBUG_ENV = "SNAPFERRY_DEBUG"
@@ -140,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _vm_module() -> Any:
-    """``cli.vm`` (VM sources, lab and demo commands) when present in this build."""
+    """``snapferry.cli.vm`` (VM sources, lab and demo commands) when present in this build."""
     try:
-        import cli.vm as vm  # type: ignore[import-not-found,unused-ignore]
+        import snapferry.cli.vm as vm  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as e:
-        if e.name != "cli.vm":
+        if e.name != "snapferry.cli.vm":
             raise
         return None
     return vm
@@ -163,7 +163,7 @@ def repo_path(args: argparse.Namespace) -> str:
 
 
 def open_repo(args: argparse.Namespace) -> Any:
-    from engine.store.repo import Repository
+    from snapferry.engine.store.repo import Repository
 
     return Repository.open(repo_path(args))
 
@@ -188,7 +188,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def source_kind(source: str) -> str:
     """``vm`` (through the coordinator), ``nbd`` or ``file``."""
-    from engine.sources import NBD_SCHEMES, scheme_of
+    from snapferry.engine.sources import NBD_SCHEMES, scheme_of
 
     if source == "lab":
         return "vm"
@@ -208,7 +208,7 @@ def source_kind(source: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from engine.store.repo import DEFAULT_CHUNK_SIZE, Repository
+    from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, Repository
 
     repo = Repository.init(args.path, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
     if args.json:
@@ -228,8 +228,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return int(vm.backup_vm(args))
     if args.workers < 0:
         raise UsageError("--workers must be >= 0")
-    from engine.backup import BackupOptions, run_backup
-    from engine.sources import open_source
+    from snapferry.engine.backup import BackupOptions, run_backup
+    from snapferry.engine.sources import open_source
 
     repo = open_repo(args)
     progress = make_progress(args.json)
@@ -272,7 +272,7 @@ def default_name(source: str, desc: dict[str, Any]) -> str:
 def plan_plain_disk(repo: Any, name: str, src: Any, args: argparse.Namespace) -> Any:
     """The ``DiskInput`` of a file or NBD backup: a dirty-bitmap incremental when
     ``--bitmap`` is given and a parent exists, else a full read of allocated data."""
-    from engine.backup import DiskInput
+    from snapferry.engine.backup import DiskInput
 
     parent = None
     if args.mode != "full":
@@ -295,7 +295,7 @@ def plan_plain_disk(repo: Any, name: str, src: Any, args: argparse.Namespace) ->
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from engine.restore import restore
+    from snapferry.engine.restore import restore
 
     repo = open_repo(args)
     progress = make_progress(args.json)
@@ -362,8 +362,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from engine.errors import CorruptionError
-    from engine.verify import verify_repo
+    from snapferry.engine.errors import CorruptionError
+    from snapferry.engine.verify import verify_repo
 
     repo = open_repo(args)
     progress = make_progress(args.json)
@@ -390,7 +390,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from engine.verify import repo_info
+    from snapferry.engine.verify import repo_info
 
     repo = open_repo(args)
     info = repo_info(repo)
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cmd = COMMANDS.get(args.command)
-        if cmd is None:  # a command added by cli/vm.py: lab -> cli.vm.cmd_lab
+        if cmd is None:  # a command added by cli/vm.py: lab -> snapferry.cli.vm.cmd_lab
             cmd = getattr(_vm_module(), f"cmd_{args.command}")
         return int(cmd(args))
     except SnapferryError as e:

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from engine.progress import NullProgress, Progress
+from snapferry.engine.progress import NullProgress, Progress
 
 PROG = "snapferry"
 

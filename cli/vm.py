@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.output import emit_json, human_bytes, make_progress
-from engine.errors import UsageError
+from snapferry.cli.output import emit_json, human_bytes, make_progress
+from snapferry.engine.errors import UsageError
 
 
 def backup_vm(args: argparse.Namespace) -> int:
-    from cli.main import open_repo
-    from engine.coordinator import VmBackupOptions
-    from engine.coordinator import backup_vm as run
-    from engine.targets import TargetOptions, VsphereCliOptions, open_hypervisor
+    from snapferry.cli.main import open_repo
+    from snapferry.engine.coordinator import VmBackupOptions
+    from snapferry.engine.coordinator import backup_vm as run
+    from snapferry.engine.targets import TargetOptions, VsphereCliOptions, open_hypervisor
 
     if args.workers < 0:
         raise UsageError("--workers must be >= 0")
@@ -91,7 +91,7 @@ def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from engine.qemu import lab
+    from snapferry.engine.qemu import lab
 
     if args.action == "up":
         vm = lab.lab_up(disks=args.disks, disk_size=args.disk_size)
@@ -136,7 +136,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.demo import run_demo
+    from snapferry.engine.demo import run_demo
 
     progress = make_progress(args.json)
 

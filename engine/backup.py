@@ -31,13 +31,20 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
-from engine.pool import BatchResult, PoolConfig, ReaderPool, Run, make_items, verify_messages
-from engine.progress import NullProgress, Progress
-from engine.source import DiskSource
-from engine.store.index import DiskIndex
-from engine.store.manifest import DiskEntry, Manifest
-from engine.store.repo import Repository
+from snapferry.engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
+from snapferry.engine.pool import (
+    BatchResult,
+    PoolConfig,
+    ReaderPool,
+    Run,
+    make_items,
+    verify_messages,
+)
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.source import DiskSource
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.manifest import DiskEntry, Manifest
+from snapferry.engine.store.repo import Repository
 
 VerifyLevel = Literal["full", "quick"]
 INTERRUPTED = "interrupted: backup rolled back, no restore point written"
@@ -45,7 +52,7 @@ INTERRUPTED = "interrupted: backup rolled back, no restore point written"
 
 @dataclass
 class DiskInput:
-    """One disk to back up (``engine.hypervisor.DiskPlan`` has the same fields)."""
+    """One disk to back up (``snapferry.engine.hypervisor.DiskPlan`` has the same fields)."""
 
     name: str
     source: DiskSource

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
-from engine.backup import BackupOptions, BackupResult, BackupSession, DiskInput
-from engine.errors import BackupAborted, HypervisorError, QuiesceError, UsageError
-from engine.hypervisor import BackupMode, DiskPlan, Hypervisor, ParentDisk
-from engine.progress import NullProgress, Progress
-from engine.store.manifest import Manifest
-from engine.store.repo import Repository
+from snapferry.engine.backup import BackupOptions, BackupResult, BackupSession, DiskInput
+from snapferry.engine.errors import BackupAborted, HypervisorError, QuiesceError, UsageError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, Hypervisor, ParentDisk
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.store.manifest import Manifest
+from snapferry.engine.store.repo import Repository
 
 QuiescePolicy = Literal["required", "preferred", "off"]
 

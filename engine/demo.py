@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
-from engine.errors import SnapferryError
-from engine.progress import NullProgress, Progress
-from engine.qemu.lab import LabVm, lab_down, lab_up, lab_write
-from engine.qemu.labcheck import fsck_clean, read_file
-from engine.restore import restore
-from engine.store.repo import Repository
-from engine.targets import TargetOptions, open_hypervisor
+from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
+from snapferry.engine.errors import SnapferryError
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.qemu.lab import LabVm, lab_down, lab_up, lab_write
+from snapferry.engine.qemu.labcheck import fsck_clean, read_file
+from snapferry.engine.restore import restore
+from snapferry.engine.store.repo import Repository
+from snapferry.engine.targets import TargetOptions, open_hypervisor
 
 GUEST_MOUNT = "/data0"
 

@@ -1,6 +1,6 @@
 """The ``Hypervisor`` seam: one class per backend (QEMU, vSphere).
 
-The coordinator (``engine.coordinator``) drives these methods in the order of the
+The coordinator (``snapferry.engine.coordinator``) drives these methods in the order of the
 lifecycle (DESIGN.md section 1). Backends own no policy: retries, quiesce policy and
 the restore point's consistency label are decided by the coordinator.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from engine.source import DiskSource
+from snapferry.engine.source import DiskSource
 
 BackupMode = Literal["auto", "full", "incremental"]
 

@@ -43,11 +43,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from engine.errors import CorruptionError, SnapferryError
-from engine.source import DiskSource, SourceSpec
-from engine.store.chunkfmt import compressor, decode_verified, encode_chunk
-from engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
-from engine.store.local import LocalChunkStore
+from snapferry.engine.errors import CorruptionError, SnapferryError
+from snapferry.engine.source import DiskSource, SourceSpec
+from snapferry.engine.store.chunkfmt import compressor, decode_verified, encode_chunk
+from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
+from snapferry.engine.store.local import LocalChunkStore
 
 DEFAULT_ITEM_BYTES = 8 << 20
 WINDOW = 2  # work items in flight per worker (one being processed, one queued)
@@ -310,7 +310,7 @@ def _main_hidden() -> Iterator[None]:
 
     ``spawn`` normally re-imports the main script in each child, which breaks callers
     whose script has no ``if __name__ == "__main__"`` guard and costs start-up time.
-    The worker needs only ``engine.pool``, so hide the main module's path while the
+    The worker needs only ``snapferry.engine.pool``, so hide the main module's path while the
     children are launched (their preparation data is taken in ``Process.start``).
     """
     main = sys.modules.get("__main__")

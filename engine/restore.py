@@ -27,12 +27,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import CorruptionError, SnapferryError, UsageError
-from engine.progress import NullProgress, Progress
-from engine.store.chunkfmt import decode_for_read
-from engine.store.index import DiskIndex
-from engine.store.manifest import Manifest
-from engine.store.repo import Repository
+from snapferry.engine.errors import CorruptionError, SnapferryError, UsageError
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.store.chunkfmt import decode_for_read
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.manifest import Manifest
+from snapferry.engine.store.repo import Repository
 
 RestoreFormat = Literal["raw", "qcow2"]
 _IN_FLIGHT_PER_WORKER = 2  # batches queued per thread

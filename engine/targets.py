@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from engine.errors import UsageError
-from engine.hypervisor import Hypervisor
-from engine.progress import NullProgress, Progress
+from snapferry.engine.errors import UsageError
+from snapferry.engine.hypervisor import Hypervisor
+from snapferry.engine.progress import NullProgress, Progress
 
 VM_SCHEMES = ("qemu+unix", "vsphere")
 
@@ -81,7 +81,7 @@ def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hyperv
     """The backend for ``source`` (see the module doc); raises UsageError otherwise."""
     opts = options or TargetOptions()
     if source == "lab":
-        from engine.qemu.lab import lab_info
+        from snapferry.engine.qemu.lab import lab_info
 
         info = lab_info()
         return _qemu(
@@ -99,11 +99,11 @@ def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hyperv
 
 
 def _qemu(t: QemuTarget, work_dir: Path, opts: TargetOptions) -> Hypervisor:
-    from engine.qemu.backend import QemuHypervisor
+    from snapferry.engine.qemu.backend import QemuHypervisor
 
     cls: type[QemuHypervisor] = QemuHypervisor
     if opts.qemu_strategy == "fleecing":
-        from engine.qemu.fleecing import QemuFleecingHypervisor
+        from snapferry.engine.qemu.fleecing import QemuFleecingHypervisor
 
         cls = QemuFleecingHypervisor
     elif opts.qemu_strategy != "overlay":
@@ -123,8 +123,8 @@ def _qemu(t: QemuTarget, work_dir: Path, opts: TargetOptions) -> Hypervisor:
 
 
 def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:
-    from engine.vsphere.backend import VsphereHypervisor, VsphereOptions
-    from engine.vsphere.uri import parse_vsphere_uri
+    from snapferry.engine.vsphere.backend import VsphereHypervisor, VsphereOptions
+    from snapferry.engine.vsphere.uri import parse_vsphere_uri
 
     target = parse_vsphere_uri(source)
     vo = opts.vsphere
@@ -140,7 +140,7 @@ def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:
             "with --nbd-uri)"
         )
     if transport == "vddk" and vo.vddk_libdir:
-        from native.vddk import reexec_if_needed
+        from snapferry.native.vddk import reexec_if_needed
 
         reexec_if_needed(vo.vddk_libdir)
     options = VsphereOptions(

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CorruptionError, RepositoryError
-from engine.progress import NullProgress, Progress
-from engine.store.chunkfmt import decode_verified
-from engine.store.index import DiskIndex
-from engine.store.manifest import Manifest
-from engine.store.repo import BACKUPS, MANIFEST, Repository
+from snapferry.engine.errors import CorruptionError, RepositoryError
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.store.chunkfmt import decode_verified
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.manifest import Manifest
+from snapferry.engine.store.repo import BACKUPS, MANIFEST, Repository
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """A small cffi (ABI mode) binding of libnbd, the reference NBD client library.
 
-Only the calls snapferry needs are declared (see ``native._libnbd_cdef``); only the runtime
-library ``libnbd.so.0`` (Debian ``libnbd0``) is needed, no headers, no compiler.
+Only the calls snapferry needs are declared (see ``snapferry.native._libnbd_cdef``); only the
+runtime library ``libnbd.so.0`` (Debian ``libnbd0``) is needed, no headers, no compiler.
 
 One ``NbdHandle`` is one NBD connection. It is not thread-safe in the sense that two
 threads must not drive the same handle's asynchronous loop at once; use one handle per
@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import SourceError
-from native import _libnbd_cdef as C
+from snapferry.engine.errors import SourceError
+from snapferry.native import _libnbd_cdef as C
 
 __all__ = [
     "BlockSizes",
@@ -273,7 +273,7 @@ class NbdHandle:
     def block_status(self, count: int, offset: int) -> list[BlockStatusReply]:
         """One NBD_CMD_BLOCK_STATUS: ``[(context, offset, [(length, flags), ...]), ...]``,
         one entry per negotiated meta context. A reply may describe less than ``count``
-        bytes or run past it; callers loop (``engine.sources.nbd`` does)."""
+        bytes or run past it; callers loop (``snapferry.engine.sources.nbd`` does)."""
         sink: list[BlockStatusReply] = []
         keep = self._ffi.new_handle(sink)
         cb = self._ffi.new("nbd_extent_callback *")

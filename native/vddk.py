@@ -37,8 +37,8 @@ from typing import Any
 
 from cffi import FFI
 
-from engine.errors import SourceError
-from native import vddk_cdef as c
+from snapferry.engine.errors import SourceError
+from snapferry.native import vddk_cdef as c
 
 SECTOR_SIZE = c.VIXDISKLIB_SECTOR_SIZE
 MAX_READ_SECTORS = (2 * 1024 * 1024) // SECTOR_SIZE  # at most 2 MiB per Read call

@@ -26,12 +26,12 @@ TEST_IMAGE_SIZE = 64 << 20
 
 
 def snapferry_exe() -> list[str]:
-    """The installed console script (as a user runs it), else ``python -m cli``."""
+    """The installed console script (as a user runs it), else ``python -m snapferry``."""
     exe = VENV_BIN / "snapferry"
     if exe.exists():
         return [str(exe)]
     found = shutil.which("snapferry")
-    return [found] if found else [sys.executable, "-m", "cli"]
+    return [found] if found else [sys.executable, "-m", "snapferry"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -20,18 +20,18 @@ from typing import Any
 import pytest
 from labvm import assert_vm_clean
 
-from engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
-from engine.errors import SourceError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
-from engine.progress import NullProgress, Progress
-from engine.qemu import labcheck
-from engine.qemu.agent import AgentError, GuestAgent
-from engine.qemu.backend import QemuHypervisor, SourceOpener, default_source_opener
-from engine.qemu.lab import LabVm, lab_write
-from engine.restore import restore
-from engine.source import DiskSource, Extent, SourceSpec
-from engine.store.repo import Repository
-from engine.targets import work_dir_for
+from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
+from snapferry.engine.errors import SourceError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.qemu import labcheck
+from snapferry.engine.qemu.agent import AgentError, GuestAgent
+from snapferry.engine.qemu.backend import QemuHypervisor, SourceOpener, default_source_opener
+from snapferry.engine.qemu.lab import LabVm, lab_write
+from snapferry.engine.restore import restore
+from snapferry.engine.source import DiskSource, Extent, SourceSpec
+from snapferry.engine.store.repo import Repository
+from snapferry.engine.targets import work_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPFERRY = ROOT / ".venv" / "bin" / "snapferry"
@@ -143,7 +143,7 @@ def cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: float
         ) -> subprocess.CompletedProcess[str]:
     """Run the real ``snapferry`` CLI in a subprocess (the environment of this test:
     SNAPFERRY_WORK_DIR included)."""
-    exe = [str(SNAPFERRY)] if SNAPFERRY.exists() else [sys.executable, "-m", "cli"]
+    exe = [str(SNAPFERRY)] if SNAPFERRY.exists() else [sys.executable, "-m", "snapferry"]
     env = dict(os.environ)
     env.pop("SNAPFERRY_DEBUG", None)
     env.update(env_extra or {})

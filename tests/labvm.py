@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from engine.qemu.agent import GuestAgent
-from engine.qemu.backend import OVERLAY_SUFFIX
-from engine.qemu.lab import LabVm, lab_down, lab_up
-from engine.qemu.qmp import Qmp
-from engine.source import Extent
+from snapferry.engine.qemu.agent import GuestAgent
+from snapferry.engine.qemu.backend import OVERLAY_SUFFIX
+from snapferry.engine.qemu.lab import LabVm, lab_down, lab_up
+from snapferry.engine.qemu.qmp import Qmp
+from snapferry.engine.source import Extent
 
 LAB_DISKS = 2
 LAB_DISK_SIZE = "32M"

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from engine.store import (
+from snapferry.engine.store import (
     NULL_ID,
     DiskEntry,
     DiskIndex,

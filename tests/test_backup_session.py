@@ -18,13 +18,13 @@ import imagegen
 import numpy as np
 import pytest
 
-from engine.backup import BackupOptions, BackupSession, DiskInput, merge_runs, run_backup
-from engine.errors import CorruptionError, RepositoryError, SnapferryError, SourceError
-from engine.restore import restore
-from engine.sources import open_source
-from engine.sources.file import FileSource, FileSpec
-from engine.store import Repository, chunk_id, encode_chunk
-from engine.store.hashing import NULL_ID
+from snapferry.engine.backup import BackupOptions, BackupSession, DiskInput, merge_runs, run_backup
+from snapferry.engine.errors import CorruptionError, RepositoryError, SnapferryError, SourceError
+from snapferry.engine.restore import restore
+from snapferry.engine.sources import open_source
+from snapferry.engine.sources.file import FileSource, FileSpec
+from snapferry.engine.store import Repository, chunk_id, encode_chunk
+from snapferry.engine.store.hashing import NULL_ID
 
 CS = 64 << 10
 
@@ -216,9 +216,9 @@ def test_unclosed_session_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     img = imagegen.make_image(tmp_path / "u.raw", 2 << 20, seed=2, zero_frac=0)
     script = (
         "import sys\n"
-        "from engine.store import Repository\n"
-        "from engine.backup import BackupSession, BackupOptions, DiskInput\n"
-        "from engine.sources.file import FileSource\n"
+        "from snapferry.engine.store import Repository\n"
+        "from snapferry.engine.backup import BackupSession, BackupOptions, DiskInput\n"
+        "from snapferry.engine.sources.file import FileSource\n"
         f"r = Repository.init({str(tmp_path / 'r')!r}, chunk_size=65536)\n"
         "s = BackupSession(r, 'vm', BackupOptions(workers=2))\n"
         f"s.copy([DiskInput('sda', FileSource({str(img)!r}))])\n"

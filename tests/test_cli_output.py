@@ -1,5 +1,5 @@
 """The CLI's output contract: ``--json`` schemas, ``SNAPFERRY_REPO``, quiet pipes,
-a progress bar on a terminal (a real pty), size parsing, ``python -m cli``."""
+a progress bar on a terminal (a real pty), size parsing, ``python -m snapferry``."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, run_cli, snapferry_exe
 
-from cli.main import main, parse_size
-from engine.store.repo import DEFAULT_CHUNK_SIZE
+from snapferry.cli.main import main, parse_size
+from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE
 
 BACKUP_KEYS = {"backup_id", "mode", "seconds", "disks"}
 DISK_KEYS = {"name", "virtual_size", "bytes_read", "bytes_stored", "chunks_new", "chunks_reused"}
@@ -102,7 +102,7 @@ def test_progress_bar_on_a_terminal(repo: Path, mixed_image: Path) -> None:
 
 
 def test_python_dash_m_cli(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "cli", "init", str(tmp_path / "r"), "--json"],
+    p = subprocess.run([sys.executable, "-m", "snapferry", "init", str(tmp_path / "r"), "--json"],
                        capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["chunk_size"] == DEFAULT_CHUNK_SIZE

@@ -35,18 +35,18 @@ from coordvm import (
 )
 from labvm import assert_vm_clean, bitmaps, control, lab_vm, silent_agent  # noqa: F401
 
-from engine.coordinator import FAULT_ENV, FAULT_PHASES
-from engine.errors import (
+from snapferry.engine.coordinator import FAULT_ENV, FAULT_PHASES
+from snapferry.engine.errors import (
     CorruptionError,
     HypervisorError,
     QuiesceError,
     SnapferryError,
     SourceError,
 )
-from engine.qemu.agent import GuestAgent
-from engine.qemu.lab import LabVm, lab_fail_freeze, lab_write
-from engine.store.repo import Repository
-from engine.verify import verify_repo
+from snapferry.engine.qemu.agent import GuestAgent
+from snapferry.engine.qemu.lab import LabVm, lab_fail_freeze, lab_write
+from snapferry.engine.store.repo import Repository
+from snapferry.engine.verify import verify_repo
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest

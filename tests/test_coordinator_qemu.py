@@ -26,9 +26,9 @@ from coordvm import (
 )
 from labvm import assert_vm_clean, bitmaps, lab_vm
 
-from engine.backup import merge_runs
-from engine.qemu.agent import GuestAgent
-from engine.qemu.lab import LabVm
+from snapferry.engine.backup import merge_runs
+from snapferry.engine.qemu.agent import GuestAgent
+from snapferry.engine.qemu.lab import LabVm
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest

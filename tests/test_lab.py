@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from labvm import lab_missing, lab_vm
 
-from engine.qemu import labcheck
-from engine.qemu.initramfs import MODULES, build_initramfs
-from engine.qemu.lab import LabError, LabVm, lab_read, lab_status, lab_up, lab_write
+from snapferry.engine.qemu import labcheck
+from snapferry.engine.qemu.initramfs import MODULES, build_initramfs
+from snapferry.engine.qemu.lab import LabError, LabVm, lab_read, lab_status, lab_up, lab_write
 
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
 

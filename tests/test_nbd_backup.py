@@ -23,7 +23,7 @@ from nbdservers import (
     write_commands,
 )
 
-from native import libnbd
+from snapferry.native import libnbd
 
 pytestmark = pytest.mark.skipif(not libnbd.available(), reason="libnbd.so.0 not installed")
 
@@ -39,7 +39,7 @@ def servers(tmp_path: Path) -> Iterator[NbdServers]:
 
 
 def snapferry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "snapferry", *args], capture_output=True, text=True,
                        timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"snapferry {' '.join(args)} failed ({r.returncode}): {r.stderr}")

@@ -1,4 +1,4 @@
-"""The cffi libnbd binding (native.libnbd) against real qemu-nbd / nbdkit servers."""
+"""The cffi libnbd binding (snapferry.native.libnbd) against real qemu-nbd / nbdkit servers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from nbdservers import NbdServers, requires
 
-from engine.errors import SourceError
-from native import libnbd
-from native.libnbd import NbdError, NbdHandle
+from snapferry.engine.errors import SourceError
+from snapferry.native import libnbd
+from snapferry.native.libnbd import NbdError, NbdHandle
 
 pytestmark = pytest.mark.skipif(not libnbd.available(), reason="libnbd.so.0 not installed")
 

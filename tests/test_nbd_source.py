@@ -19,10 +19,10 @@ from nbdservers import (
     write_commands,
 )
 
-from engine.errors import SourceError
-from engine.source import DiskSource, Extent
-from engine.sources.nbd import NbdSource, NbdSpec, redact_uri
-from native import libnbd
+from snapferry.engine.errors import SourceError
+from snapferry.engine.source import DiskSource, Extent
+from snapferry.engine.sources.nbd import NbdSource, NbdSpec, redact_uri
+from snapferry.native import libnbd
 
 pytestmark = pytest.mark.skipif(not libnbd.available(), reason="libnbd.so.0 not installed")
 

@@ -24,12 +24,12 @@ from labvm import (  # noqa: F401
     silent_agent,
 )
 
-from engine.errors import HypervisorError, QuiesceError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
-from engine.qemu import labcheck
-from engine.qemu.agent import GuestAgent
-from engine.qemu.backend import QemuHypervisor
-from engine.qemu.lab import LabVm, lab_down, lab_fail_freeze, lab_up, lab_write
+from snapferry.engine.errors import HypervisorError, QuiesceError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
+from snapferry.engine.qemu import labcheck
+from snapferry.engine.qemu.agent import GuestAgent
+from snapferry.engine.qemu.backend import QemuHypervisor
+from snapferry.engine.qemu.lab import LabVm, lab_down, lab_fail_freeze, lab_up, lab_write
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
@@ -312,12 +312,12 @@ def test_inspect_refuses_foreign_overlay(lab_vm: LabVm, hv: QemuHypervisor, work
 
 
 def test_export_through_the_project_nbd_client(lab_vm: LabVm, work: Path) -> None:
-    """The default source opener (engine.sources.nbd): its dirty extents match nbdinfo's
+    """The default source opener (snapferry.engine.sources.nbd): its dirty extents match nbdinfo's
     on the same export, and reading them gives the bytes of a full nbdcopy read."""
     try:
-        import engine.sources.nbd  # noqa: F401
+        import snapferry.engine.sources.nbd  # noqa: F401
     except Exception as e:  # written in parallel by another engineer
-        pytest.skip(f"engine.sources.nbd not importable yet: {e}")
+        pytest.skip(f"snapferry.engine.sources.nbd not importable yet: {e}")
     h = QemuHypervisor(lab_vm.qmp_socket, lab_vm.agent_socket, work_dir=work)
     try:
         plans, _ = full_round(h, work, "p")

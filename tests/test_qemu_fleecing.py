@@ -37,14 +37,14 @@ from coordvm import (
 )
 from labvm import assert_vm_clean, bitmaps, control, lab_vm
 
-from engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
-from engine.errors import SourceError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk
-from engine.progress import Progress
-from engine.qemu.backend import QemuHypervisor, SourceOpener
-from engine.qemu.fleecing import FLEECE_NODE_PREFIX, FLEECE_SUFFIX, QemuFleecingHypervisor
-from engine.qemu.lab import LabVm, lab_write
-from engine.store.repo import Repository
+from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
+from snapferry.engine.errors import SourceError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
+from snapferry.engine.progress import Progress
+from snapferry.engine.qemu.backend import QemuHypervisor, SourceOpener
+from snapferry.engine.qemu.fleecing import FLEECE_NODE_PREFIX, FLEECE_SUFFIX, QemuFleecingHypervisor
+from snapferry.engine.qemu.lab import LabVm, lab_write
+from snapferry.engine.store.repo import Repository
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
@@ -208,10 +208,10 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from coordvm import HookProgress
-from engine.coordinator import VmBackupOptions, backup_vm
-from engine.errors import SnapferryError
-from engine.qemu.fleecing import QemuFleecingHypervisor
-from engine.store.repo import Repository
+from snapferry.engine.coordinator import VmBackupOptions, backup_vm
+from snapferry.engine.errors import SnapferryError
+from snapferry.engine.qemu.fleecing import QemuFleecingHypervisor
+from snapferry.engine.store.repo import Repository
 
 hv = QemuFleecingHypervisor({qmp!r}, {agent!r}, work_dir=Path({work!r}), name={name!r})
 prog = HookProgress(on_first_advance=lambda: os.kill(os.getpid(), signal.SIGTERM))

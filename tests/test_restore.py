@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from store_helpers import backup_image, chunks_of, make_mixed_image, overwrite_random
 
-from engine.errors import CorruptionError, UsageError
-from engine.restore import restore
-from engine.store import Repository
-from engine.store.hashing import NULL_ID
+from snapferry.engine.errors import CorruptionError, UsageError
+from snapferry.engine.restore import restore
+from snapferry.engine.store import Repository
+from snapferry.engine.store.hashing import NULL_ID
 
 MiB = 1 << 20
 

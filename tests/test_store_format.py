@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from engine.errors import CorruptionError, RepositoryError
-from engine.store.chunkfmt import (
+from snapferry.engine.errors import CorruptionError, RepositoryError
+from snapferry.engine.store.chunkfmt import (
     CODEC_RAW,
     CODEC_ZSTD,
     HEADER_SIZE,
@@ -21,9 +21,9 @@ from engine.store.chunkfmt import (
     encode_chunk,
     parse_header,
 )
-from engine.store.hashing import NULL_ID, chunk_id, is_zero, strong_digest
-from engine.store.index import DiskIndex
-from engine.store.manifest import DiskEntry, Manifest
+from snapferry.engine.store.hashing import NULL_ID, chunk_id, is_zero, strong_digest
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.manifest import DiskEntry, Manifest
 
 TEXT = b"snapferry keeps chunks small and honest. " * 2000
 

@@ -18,12 +18,12 @@ import pytest
 from conftest import small_tmpfs
 from store_helpers import backup_image
 
-from engine.errors import CorruptionError, RepositoryError, UsageError
-from engine.restore import restore
-from engine.store import DiskEntry, DiskIndex, LocalChunkStore, Manifest, Repository
-from engine.store.chunkfmt import decode_verified, encode_chunk
-from engine.store.hashing import chunk_id
-from engine.verify import verify_repo
+from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
+from snapferry.engine.restore import restore
+from snapferry.engine.store import DiskEntry, DiskIndex, LocalChunkStore, Manifest, Repository
+from snapferry.engine.store.chunkfmt import decode_verified, encode_chunk
+from snapferry.engine.store.hashing import chunk_id
+from snapferry.engine.verify import verify_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,7 +213,7 @@ def test_concurrent_puts_from_processes(tmp_path: Path) -> None:
 HOLDER = textwrap.dedent(
     """
     import sys
-    from engine.store import Repository
+    from snapferry.engine.store import Repository
     r = Repository.open(sys.argv[1])
     with r.lock("backup"):
         print("locked", flush=True)
@@ -306,8 +306,8 @@ RLIMIT_SCRIPT = textwrap.dedent(
     import resource, signal, sys
     from pathlib import Path
     sys.path.insert(0, "tests")
-    from engine.errors import SnapferryError
-    from engine.store import Repository
+    from snapferry.engine.errors import SnapferryError
+    from snapferry.engine.store import Repository
     from store_helpers import backup_image
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))

@@ -19,11 +19,11 @@ import pytest
 from conftest import run_cli
 from store_helpers import backup_image, make_mixed_image
 
-import engine.restore as restore_mod
-from engine.errors import CorruptionError
-from engine.restore import restore
-from engine.store import Repository
-from engine.store.chunkfmt import (
+import snapferry.engine.restore as restore_mod
+from snapferry.engine.errors import CorruptionError
+from snapferry.engine.restore import restore
+from snapferry.engine.store import Repository
+from snapferry.engine.store.chunkfmt import (
     CODEC_RAW,
     CODEC_ZSTD,
     HEADER_SIZE,
@@ -33,7 +33,7 @@ from engine.store.chunkfmt import (
     encode_chunk,
     parse_header,
 )
-from engine.store.hashing import chunk_id, strong_digest
+from snapferry.engine.store.hashing import chunk_id, strong_digest
 
 MiB = 1 << 20
 TEXT = b"the quick brown fox jumps over the lazy dog\n" * 3000

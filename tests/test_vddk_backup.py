@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from engine.backup import BackupOptions, DiskInput, run_backup
-from engine.errors import SourceError
-from engine.restore import restore
-from engine.sources.vddk import VddkConnectParams, VddkSource
-from engine.store import Repository
+from snapferry.engine.backup import BackupOptions, DiskInput, run_backup
+from snapferry.engine.errors import SourceError
+from snapferry.engine.restore import restore
+from snapferry.engine.sources.vddk import VddkConnectParams, VddkSource
+from snapferry.engine.store import Repository
 
 if TYPE_CHECKING:
     from vddkstub import StubEnv

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from engine.errors import SourceError
-from native import vddk
+from snapferry.engine.errors import SourceError
+from snapferry.native import vddk
 
 if TYPE_CHECKING:
     from vddkstub import StubEnv
@@ -110,8 +110,8 @@ def test_unloadable_library_is_a_source_error(tmp_path: Path) -> None:
     (tmp_path / "libvixDiskLib.so.7").write_bytes(b"not an ELF file")
     r = _run_py(
         f"""
-        from engine.errors import SourceError
-        from native.vddk import VddkLibrary
+        from snapferry.engine.errors import SourceError
+        from snapferry.native.vddk import VddkLibrary
         try:
             VddkLibrary.load({str(tmp_path)!r})
         except SourceError as e:
@@ -293,7 +293,7 @@ def test_open_failures(vddk_libdir: Path, vddk_stub_env: StubEnv, monkeypatch: A
 
 
 def _child_after_fork(libdir: str, q: Any) -> None:
-    from engine.sources.vddk import VddkConnectParams, VddkSource
+    from snapferry.engine.sources.vddk import VddkConnectParams, VddkSource
 
     out: dict[str, Any] = {}
     params = VddkConnectParams(
@@ -339,7 +339,7 @@ def test_initex_once_per_process_and_logging(
 ) -> None:
     vddk_stub_env.make_image("d.vmdk", MiB, [(0, 4096)])
     code = f"""
-        from native.vddk import VddkLibrary
+        from snapferry.native.vddk import VddkLibrary
         lib = VddkLibrary.load({str(vddk_libdir)!r}, log_to_stderr=LOG)
         for _ in range(3):
             c = lib.connect(server="vc", vm_moref="vm-1", user="u", password="p")
@@ -371,7 +371,7 @@ def test_library_without_query_allocated_blocks(
     r = _run_py(
         f"""
         import json
-        from engine.sources.vddk import VddkConnectParams, VddkSource
+        from snapferry.engine.sources.vddk import VddkConnectParams, VddkSource
         p = VddkConnectParams(server="vc", user="u", password="p", vm_moref="vm-1",
                               libdir={str(vddk_libdir_noqab)!r})
         with VddkSource.open(p, "d.vmdk") as s:
@@ -386,7 +386,7 @@ def test_library_without_query_allocated_blocks(
 def test_reexec_puts_the_library_dir_on_ld_library_path(vddk_libdir: Path) -> None:
     code = f"""
         import os
-        from native.vddk import reexec_if_needed
+        from snapferry.native.vddk import reexec_if_needed
         print("run", os.environ.get("LD_LIBRARY_PATH", ""), flush=True)
         reexec_if_needed({str(vddk_libdir)!r})
         print("kept")

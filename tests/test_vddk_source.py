@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from engine.errors import SourceError
-from engine.source import DiskSource, Extent
-from engine.sources.vddk import VddkConnectParams, VddkSource, VddkSpec
+from snapferry.engine.errors import SourceError
+from snapferry.engine.source import DiskSource, Extent
+from snapferry.engine.sources.vddk import VddkConnectParams, VddkSource, VddkSpec
 
 if TYPE_CHECKING:
     from vddkstub import StubEnv

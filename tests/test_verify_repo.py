@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from store_helpers import backup_image, chunks_of, make_mixed_image, overwrite_random
 
-from engine.errors import RepositoryError
-from engine.store import Manifest, Repository
-from engine.verify import repo_info, verify_repo
+from snapferry.engine.errors import RepositoryError
+from snapferry.engine.store import Manifest, Repository
+from snapferry.engine.verify import repo_info, verify_repo
 
 MiB = 1 << 20
 

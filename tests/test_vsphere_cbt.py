@@ -1,4 +1,4 @@
-"""Paging and validation of QueryChangedDiskAreas answers (engine.vsphere.cbt).
+"""Paging and validation of QueryChangedDiskAreas answers (snapferry.engine.vsphere.cbt).
 
 vCSim does not implement QueryChangedDiskAreas (it answers MethodNotFound), so the
 answers here are recorded ones, built from pyVmomi's own data objects
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from pyVmomi import vim
 
-from engine.vsphere.cbt import (
+from snapferry.engine.vsphere.cbt import (
     ChangedAreasInvalid,
     cbt_reset_reason,
     change_id_uuid,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from vcsimserver import NO_TOOLS_VM, VM0, Vcsim, observe_vm
 
-from engine.errors import HypervisorError
-from engine.vsphere.connect import colon_form, connect, find_vm
-from engine.vsphere.uri import parse_vsphere_uri
+from snapferry.engine.errors import HypervisorError
+from snapferry.engine.vsphere.connect import colon_form, connect, find_vm
+from snapferry.engine.vsphere.uri import parse_vsphere_uri
 
 pytest_plugins = ["vcsimserver"]  # the vcsim / vcsim_tls fixtures
 

@@ -1,5 +1,5 @@
 """vSphere end to end: the coordinator drives VsphereHypervisor against vCSim, the
-disks are read through the real VDDK binding (engine.sources.vddk) loaded on the
+disks are read through the real VDDK binding (snapferry.engine.sources.vddk) loaded on the
 project's stand-in libvixDiskLib (tests/vddk_stub), into a real repository; then the
 restore points are restored and compared byte for byte.
 
@@ -22,12 +22,12 @@ from pyVmomi import vim
 from test_vsphere_faults import recorded_vm
 from vcsimserver import NO_TOOLS_VM, VM0, Vcsim, observe_vm
 
-from engine.coordinator import VmBackupOptions, backup_vm
-from engine.errors import QuiesceError, SnapferryError
-from engine.hypervisor import VmInfo
-from engine.restore import restore
-from engine.store.repo import Repository
-from engine.vsphere.backend import VsphereHypervisor, VsphereOptions
+from snapferry.engine.coordinator import VmBackupOptions, backup_vm
+from snapferry.engine.errors import QuiesceError, SnapferryError
+from snapferry.engine.hypervisor import VmInfo
+from snapferry.engine.restore import restore
+from snapferry.engine.store.repo import Repository
+from snapferry.engine.vsphere.backend import VsphereHypervisor, VsphereOptions
 
 if TYPE_CHECKING:  # imported by pytest_plugins (importing it here too upsets pytest)
     from vddkstub import StubEnv

@@ -21,10 +21,10 @@ from pyVmomi import vim
 from test_vsphere_lifecycle import DISK, StandInSource
 from vcsimserver import VM0, Vcsim, observe_vm
 
-import engine.vsphere.backend as backend_mod
-from engine.errors import HypervisorError, QuiesceError
-from engine.hypervisor import ParentDisk
-from engine.vsphere.backend import VsphereHypervisor, VsphereOptions
+import snapferry.engine.vsphere.backend as backend_mod
+from snapferry.engine.errors import HypervisorError, QuiesceError
+from snapferry.engine.hypervisor import ParentDisk
+from snapferry.engine.vsphere.backend import VsphereHypervisor, VsphereOptions
 
 Info = vim.VirtualMachine.DiskChangeInfo
 Area = vim.VirtualMachine.DiskChangeInfo.DiskChangeExtent

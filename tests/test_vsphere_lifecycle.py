@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from vcsimserver import NO_CBT_VM, NO_TOOLS_VM, VM0, Vcsim, add_foreign_snapshot, observe_vm
 
-from engine.errors import HypervisorError, QuiesceError, UsageError
-from engine.hypervisor import ParentDisk
-from engine.source import DiskSource, Extent
-from engine.vsphere.backend import SNAPSHOT_PREFIX, VsphereHypervisor, VsphereOptions
+from snapferry.engine.errors import HypervisorError, QuiesceError, UsageError
+from snapferry.engine.hypervisor import ParentDisk
+from snapferry.engine.source import DiskSource, Extent
+from snapferry.engine.vsphere.backend import SNAPSHOT_PREFIX, VsphereHypervisor, VsphereOptions
 
 DISK = "scsi0-0"  # the one disk of the simulator's VMs, on ParaVirtualSCSI bus 0 unit 0
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from vcsimserver import VM0, Vcsim, observe_vm
 
-from engine.coordinator import VmBackupOptions, backup_vm
-from engine.errors import HypervisorError
-from engine.restore import restore
-from engine.store.repo import Repository
-from engine.vsphere.backend import VsphereHypervisor, VsphereOptions
+from snapferry.engine.coordinator import VmBackupOptions, backup_vm
+from snapferry.engine.errors import HypervisorError
+from snapferry.engine.restore import restore
+from snapferry.engine.store.repo import Repository
+from snapferry.engine.vsphere.backend import VsphereHypervisor, VsphereOptions
 
 pytest_plugins = ["vcsimserver"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import UsageError
-from engine.vsphere.connect import PASSWORD_ENV, colon_form, get_password
-from engine.vsphere.uri import normalize_thumbprint, parse_vsphere_uri
+from snapferry.engine.errors import UsageError
+from snapferry.engine.vsphere.connect import PASSWORD_ENV, colon_form, get_password
+from snapferry.engine.vsphere.uri import normalize_thumbprint, parse_vsphere_uri
 
 SHA1 = "2C:11:ED:D7:13:87:7D:B5:74:18:B8:1C:42:C2:56:1F:0D:B9:5B:B9"
 

@@ -9,7 +9,7 @@ The pytest fixtures below cache it in pytest's cache directory:
 * ``vddk_stub_env``: per-test disk directory and stats file, set in the environment
   the stub reads (``VDDK_STUB_DISKDIR``, ``VDDK_STUB_STATS``); returns a ``StubEnv``.
 
-In-process, VDDK is loaded once per process (``native.vddk.VddkLibrary``): every test
+In-process, VDDK is loaded once per process (``snapferry.native.vddk.VddkLibrary``): every test
 that loads it in the pytest process must use ``vddk_libdir``; tests of other variants
 or of process rules run in subprocesses.
 """

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from engine.errors import HypervisorError
+from snapferry.engine.errors import HypervisorError
 
 
 class AgentError(HypervisorError):

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import HypervisorError, QuiesceError, SnapferryError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
-from engine.progress import NullProgress, Progress
-from engine.qemu.agent import AgentError, AgentTimeout, GuestAgent
-from engine.qemu.qmp import Event, Qmp, QmpCommandError, QmpConnectionError
-from engine.source import DiskSource
+from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.qemu.agent import AgentError, AgentTimeout, GuestAgent
+from snapferry.engine.qemu.qmp import Event, Qmp, QmpCommandError, QmpConnectionError
+from snapferry.engine.source import DiskSource
 
 BITMAP_PREFIX = "snapferry-"
 OVERLAY_NODE_PREFIX = "sf-ovl-"
@@ -53,7 +53,7 @@ SourceOpener = Callable[[str, str | None], DiskSource]
 
 def default_source_opener(uri: str, bitmap: str | None) -> DiskSource:
     """Open the project's NBD client on an export (``bitmap``: dirty-bitmap context)."""
-    from engine.sources.nbd import NbdSource
+    from snapferry.engine.sources.nbd import NbdSource
 
     src: DiskSource = NbdSource.open(uri, bitmap=bitmap)
     return src

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.errors import HypervisorError, SnapferryError
-from engine.hypervisor import BackupMode, ParentDisk, VmInfo
-from engine.qemu.backend import BITMAP_PREFIX, QemuHypervisor, _Disk
-from engine.qemu.qmp import Event, QmpCommandError, QmpConnectionError
+from snapferry.engine.errors import HypervisorError, SnapferryError
+from snapferry.engine.hypervisor import BackupMode, ParentDisk, VmInfo
+from snapferry.engine.qemu.backend import BITMAP_PREFIX, QemuHypervisor, _Disk
+from snapferry.engine.qemu.qmp import Event, QmpCommandError, QmpConnectionError
 
 FLEECE_NODE_PREFIX = "sf-fleece-"
 FLEECE_JOB_PREFIX = "sf-fleece-"

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import SnapferryError
+from snapferry.engine.errors import SnapferryError
 
 # Dependency order (no modprobe/depmod in the guest).
 MODULES = (

@@ -1,6 +1,6 @@
 """The lab VM: a real QEMU guest with a real guest agent, for tests and the demo.
 
-Built only from installed Debian packages (see ``engine.qemu.initramfs``): the Debian
+Built only from installed Debian packages (see ``snapferry.engine.qemu.initramfs``): the Debian
 kernel, an initramfs with busybox, the virtio/ext4 modules and qemu-ga. Data disks are
 qcow2 images holding ext4 made on the host, attached with ``-blockdev`` (node names
 ``lab-disk<N>`` over ``lab-file<N>``) to ``virtio-blk-pci`` devices ``disk<N>``, mounted
@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import SnapferryError
-from engine.qemu.agent import AgentError, GuestAgent
-from engine.qemu.initramfs import FAIL_FREEZE_FLAG, build_initramfs
-from engine.qemu.qmp import Qmp
+from snapferry.engine.errors import SnapferryError
+from snapferry.engine.qemu.agent import AgentError, GuestAgent
+from snapferry.engine.qemu.initramfs import FAIL_FREEZE_FLAG, build_initramfs
+from snapferry.engine.qemu.qmp import Qmp
 
 BOOT_TIMEOUT = float(os.environ.get("SNAPFERRY_LAB_BOOT_TIMEOUT", "120"))
 KVM_PROBE_TIMEOUT = 20.0

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from engine.errors import SnapferryError
+from snapferry.engine.errors import SnapferryError
 
 
 class LabCheckError(SnapferryError):

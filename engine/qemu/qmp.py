@@ -16,7 +16,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from engine.errors import HypervisorError
+from snapferry.engine.errors import HypervisorError
 
 Event = dict[str, Any]
 

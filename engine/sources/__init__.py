@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from engine.errors import UsageError
-from engine.source import DiskSource
+from snapferry.engine.errors import UsageError
+from snapferry.engine.source import DiskSource
 
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
@@ -35,11 +35,11 @@ def open_source(uri: str, *, bitmap: str | None = None) -> DiskSource:
     if scheme is None:
         if bitmap is not None:
             raise UsageError("--bitmap needs an NBD source (a plain file has no dirty bitmap)")
-        from engine.sources.file import FileSource
+        from snapferry.engine.sources.file import FileSource
 
         return FileSource(uri)
     if scheme in NBD_SCHEMES:
-        from engine.sources.nbd import NbdSource  # written by the NBD engineer
+        from snapferry.engine.sources.nbd import NbdSource  # written by the NBD engineer
 
         return NbdSource.open(uri, bitmap=bitmap)  # type: ignore[no-any-return,unused-ignore]
     raise UsageError(

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import SourceError
-from engine.source import DiskSource, Extent
+from snapferry.engine.errors import SourceError
+from snapferry.engine.source import DiskSource, Extent
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""``NbdSource``: a ``DiskSource`` read over NBD with libnbd (``native.libnbd``).
+"""``NbdSource``: a ``DiskSource`` read over NBD with libnbd (``snapferry.native.libnbd``).
 
 URIs are the standard NBD URIs libnbd understands: ``nbd://host[:port]/export``,
 ``nbd+unix:///export?socket=PATH`` (and the ``nbds`` TLS forms).
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from engine.errors import SourceError
-from engine.source import Extent
-from native import _libnbd_cdef as C
-from native.libnbd import BlockSizes, BlockStatusReply, NbdError, NbdHandle
+from snapferry.engine.errors import SourceError
+from snapferry.engine.source import Extent
+from snapferry.native import _libnbd_cdef as C
+from snapferry.native.libnbd import BlockSizes, BlockStatusReply, NbdError, NbdHandle
 
 __all__ = ["NBD_SCHEMES", "NbdSource", "NbdSpec", "is_nbd_uri", "redact_uri"]
 

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import SourceError
-from engine.source import DiskSource, Extent
-from native import vddk as v
+from snapferry.engine.errors import SourceError
+from snapferry.engine.source import DiskSource, Extent
+from snapferry.native import vddk as v
 
 SECTOR = v.SECTOR_SIZE
 # Granularity of the allocation map (VDDK's minimum chunk, 64 KiB).

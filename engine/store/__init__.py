@@ -2,18 +2,18 @@
 
 Public API (see docs/FORMAT.md for the on-disk format)::
 
-    from engine.store import Repository, DiskIndex, Manifest, DiskEntry, LocalChunkStore
-    from engine.store.hashing import chunk_id, strong_digest, is_zero, NULL_ID
-    from engine.store.chunkfmt import encode_chunk, decode_chunk, parse_header
+    from snapferry.engine.store import Repository, DiskIndex, Manifest, DiskEntry, LocalChunkStore
+    from snapferry.engine.store.hashing import chunk_id, strong_digest, is_zero, NULL_ID
+    from snapferry.engine.store.chunkfmt import encode_chunk, decode_chunk, parse_header
 """
 
-from engine.store.base import ChunkStore
-from engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, decode_chunk, encode_chunk
-from engine.store.hashing import NULL_ID, chunk_id, is_zero, strong_digest
-from engine.store.index import DiskIndex
-from engine.store.local import LocalChunkStore
-from engine.store.manifest import DiskEntry, Manifest
-from engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, Repository
+from snapferry.engine.store.base import ChunkStore
+from snapferry.engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, decode_chunk, encode_chunk
+from snapferry.engine.store.hashing import NULL_ID, chunk_id, is_zero, strong_digest
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.local import LocalChunkStore
+from snapferry.engine.store.manifest import DiskEntry, Manifest
+from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, Repository
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

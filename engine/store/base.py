@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
-from engine.store.chunkfmt import ChunkHeader
+from snapferry.engine.store.chunkfmt import ChunkHeader
 
 
 @runtime_checkable

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from engine.errors import CorruptionError
-from engine.store.hashing import chunk_id, strong_digest
+from snapferry.engine.errors import CorruptionError
+from snapferry.engine.store.hashing import chunk_id, strong_digest
 
 MAGIC = b"SFCK"
 VERSION = 1

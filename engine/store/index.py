@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import CorruptionError
-from engine.store.hashing import ID_SIZE, NULL_ID, strong_digest
+from snapferry.engine.errors import CorruptionError
+from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, strong_digest
 
 MAGIC = b"SFIX"
 VERSION = 1

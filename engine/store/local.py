@@ -12,8 +12,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.errors import CorruptionError, RepositoryError
-from engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, check_blob, parse_header
+from snapferry.engine.errors import CorruptionError, RepositoryError
+from snapferry.engine.store.chunkfmt import HEADER_SIZE, ChunkHeader, check_blob, parse_header
 
 CHUNKS_DIR = "chunks"
 _TMP_SUFFIX = ".tmp"

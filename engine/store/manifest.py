@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from engine.errors import CorruptionError, RepositoryError
+from snapferry.engine.errors import CorruptionError, RepositoryError
 
 MANIFEST_FORMAT = 1
 

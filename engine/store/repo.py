@@ -3,7 +3,7 @@
 Layout (format 1, see docs/FORMAT.md)::
 
     <repo>/config                          JSON: format, kind, id, chunk_size, seed, ...
-    <repo>/chunks/ab/cd/<32 hex>           chunk blobs (engine.store.chunkfmt)
+    <repo>/chunks/ab/cd/<32 hex>           chunk blobs (snapferry.engine.store.chunkfmt)
     <repo>/backups/<vm>/<backup id>/<disk>.idx
     <repo>/backups/<vm>/<backup id>/manifest.json   <- the commit point
     <repo>/locks/exclusive.lock            held while a backup writes
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from engine.errors import CorruptionError, RepositoryError, UsageError
-from engine.store.index import DiskIndex
-from engine.store.local import LocalChunkStore, fsync_dir, io_error, write_all
-from engine.store.manifest import Manifest
+from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
+from snapferry.engine.store.index import DiskIndex
+from snapferry.engine.store.local import LocalChunkStore, fsync_dir, io_error, write_all
+from snapferry.engine.store.manifest import Manifest
 
 REPO_FORMAT = 1
 REPO_KIND = "snapferry-repository"

@@ -16,8 +16,8 @@ recorded per disk as ``tracking["change_id"]``; the next backup asks
 just enabled, reset (uuid changed), unanswerable (``FileFault``, ``MethodNotFound`` as
 the simulator answers) or inconsistent answers all mean a full backup, with the reason.
 
-Reading the disks: ``transport=vddk`` opens ``engine.sources.vddk.VddkSource`` on the
-snapshot; ``transport=nbd`` opens ``engine.sources.nbd.NbdSource`` on the URI the user's
+Reading the disks: ``transport=vddk`` opens ``snapferry.engine.sources.vddk.VddkSource`` on the
+snapshot; ``transport=nbd`` opens ``snapferry.engine.sources.nbd.NbdSource`` on the URI the user's
 nbdkit (vddk plugin, in front of the snapshot) serves (``VsphereOptions.nbd_uri``, a
 template); tests plug a ``source_factory``.
 """
@@ -33,19 +33,23 @@ from typing import Any, Self
 
 from pyVmomi import vim, vmodl
 
-from engine.errors import HypervisorError, QuiesceError, UsageError
-from engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
-from engine.progress import NullProgress, Progress
-from engine.source import DiskSource
-from engine.vsphere.cbt import ChangedAreasInvalid, cbt_reset_reason, collect_changed_areas
-from engine.vsphere.connect import (
+from snapferry.engine.errors import HypervisorError, QuiesceError, UsageError
+from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.source import DiskSource
+from snapferry.engine.vsphere.cbt import (
+    ChangedAreasInvalid,
+    cbt_reset_reason,
+    collect_changed_areas,
+)
+from snapferry.engine.vsphere.connect import (
     VsphereConnection,
     connect,
     find_vm,
     get_password,
     read_properties,
 )
-from engine.vsphere.uri import VsphereTarget, parse_vsphere_uri
+from snapferry.engine.vsphere.uri import VsphereTarget, parse_vsphere_uri
 
 SNAPSHOT_PREFIX = "snapferry-"
 
@@ -492,7 +496,7 @@ class VsphereHypervisor:
             )
         except (KeyError, IndexError, ValueError) as e:
             raise UsageError(f"bad NBD URI template {template!r}: {e}") from None
-        from engine.sources.nbd import NbdSource
+        from snapferry.engine.sources.nbd import NbdSource
 
         source: DiskSource = NbdSource.open(uri)
         if source.size != disk.capacity:
@@ -505,7 +509,7 @@ class VsphereHypervisor:
 
     def _open_vddk(self, disk: VsphereDisk, snap_moref: str) -> DiskSource:
         try:
-            from engine.sources.vddk import VddkConnectParams, VddkSource
+            from snapferry.engine.sources.vddk import VddkConnectParams, VddkSource
         except ImportError as e:
             raise HypervisorError(f"the VDDK source is not available: {e}") from None
         conn = self._conn

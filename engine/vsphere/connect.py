@@ -1,6 +1,6 @@
 """Connection to vCenter/ESXi with pyvmomi: credentials, certificate pinning, VM lookup.
 
-Certificate policy (see ``engine.vsphere.uri``):
+Certificate policy (see ``snapferry.engine.vsphere.uri``):
 
 * ``thumbprint=`` given: TLS without CA/hostname checks, but every TLS connection
   pyvmomi opens must present exactly the pinned certificate (checked right after the
@@ -31,9 +31,9 @@ from typing import Any
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
-from engine.errors import HypervisorError, UsageError
-from engine.progress import NullProgress, Progress
-from engine.vsphere.uri import VsphereTarget
+from snapferry.engine.errors import HypervisorError, UsageError
+from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.vsphere.uri import VsphereTarget
 
 PASSWORD_ENV = "SNAPFERRY_VSPHERE_PASSWORD"
 

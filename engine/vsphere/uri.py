@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from engine.errors import UsageError
+from snapferry.engine.errors import UsageError
 
 Transport = Literal["vddk", "nbd"]
 
