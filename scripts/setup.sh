@@ -35,13 +35,13 @@ fi
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
     for cand in python3.11 python3; do
-        if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
             PY=$cand; break
         fi
     done
 fi
 if [[ -z "$PY" ]]; then
-    echo "setup: Python 3.11 is needed (apt-get install python3 python3-venv on Debian 12)" >&2
+    echo "setup: Python 3.11 or newer is needed (apt-get install python3 python3-venv on Debian 12)" >&2
     exit 1
 fi
 
