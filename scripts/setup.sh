@@ -2,7 +2,7 @@
 # One-shot, idempotent set-up for a fresh Debian 12 machine:
 #   - the Debian packages snapferry and its tests use (QEMU, NBD tools, the lab VM's
 #     kernel and busybox, the reference tools the benchmark compares against, Go and
-#     govmomi for the vSphere simulator),
+#     govmomi for the vSphere simulator, Ceph for the S3 tests: mon, osd and radosgw),
 #   - a virtualenv at .venv with snapferry installed (editable) and its dev tools.
 # Re-running it is cheap: nothing is installed twice.
 set -euo pipefail
@@ -15,6 +15,7 @@ APT_PACKAGES=(
     zstd restic borgbackup
     golang-go golang-github-vmware-govmomi-dev
     gcc libc6-dev python3-venv
+    radosgw ceph-mon ceph-osd ceph-common
 )
 
 missing=()
@@ -53,6 +54,6 @@ stamp=.venv/.snapferry-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing snapferry into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,s3]"
     touch "$stamp"
 fi
