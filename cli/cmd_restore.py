@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         emit_json(doc)
     else:
         print(
-            f"restored {result.backup_id} ({result.vm}, disk {result.disk}, "
-            f"{human_bytes(result.virtual_size)}) to {result.path} as {result.format} "
+            f"restored {result.backup_id} of {result.vm} (disk {result.disk}, "
+            f"{human_bytes(result.virtual_size)}) to {result.path} ({result.format}) "
             f"in {result.seconds:.1f} s"
         )
     return 0

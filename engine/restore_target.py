@@ -130,7 +130,8 @@ def qemu_lock_held(target: Path) -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return r.returncode != 0 and "lock" in r.stderr.lower()
+    text = r.stderr.lower()
+    return r.returncode != 0 and ("lock" in text or "another process using the image" in text)
 
 
 def check_not_in_use(target: Path, *, force_in_use: bool = False) -> None:

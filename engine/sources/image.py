@@ -56,6 +56,12 @@ def _one_line(text: str) -> str:
     return lines[-1] if lines else "failed"
 
 
+def _lock_failure(stderr: str) -> bool:
+    """qemu-img's words for an image whose lock a running QEMU holds."""
+    text = stderr.lower()
+    return "lock" in text or "another process using the image" in text
+
+
 def probe_format(path: str) -> dict[str, Any]:
     """``qemu-img info`` of ``path`` as a dict (``format``, ``virtual-size``, ...).
 
@@ -82,7 +88,7 @@ def probe_format(path: str) -> dict[str, Any]:
         raise SourceError(f"qemu-img info {path} failed: {e}") from None
     if r.returncode != 0:
         msg = _one_line(r.stderr)
-        if "lock" in msg.lower():
+        if _lock_failure(r.stderr):
             raise SourceError(
                 f"{path} is in use by a running QEMU (its image lock is held): back up the "
                 "running VM through its QMP socket (qemu+unix:///QMP?agent=QGA) instead"
