@@ -149,6 +149,12 @@ def _wants_json(argv: Sequence[str]) -> bool:
     return "--json" in argv
 
 
+def _command_word(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is one), before parsing."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next((w for w in argv if w in sub.choices), None)
+
+
 def _autocomplete(parser: argparse.ArgumentParser) -> None:
     """Shell completion (argcomplete) when the shell asks for it; free otherwise."""
     if "_ARGCOMPLETE" not in os.environ:
@@ -169,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(command=None)
     try:
         parser = build_parser()
+        configure(command=_command_word(parser, argv))  # for an error document
         _autocomplete(parser)
         if not argv:
             parser.print_help()
