@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         src = open_source(args.source, bitmap=args.bitmap, image_format=args.source_format)
         try:
+            desc = src.describe()
             result = backup_plain(repo, args, src, kind, progress)
         finally:
             progress.finish()  # clear the bar before any error line
@@ -125,14 +126,15 @@ def run(args: argparse.Namespace) -> int:
         doc.setdefault("warnings", [])
         emit_json(doc)
     else:
-        print(summary(result))
+        print(summary(result, desc))
     return 0
 
 
-def summary(result: Any) -> str:
+def summary(result: Any, desc: dict[str, Any] | None = None) -> str:
     """The human summary of a file or NBD backup: one line, plus one per disk beyond one."""
     disks = result.disks
-    head = f"{result.mode} backup {result.backup_id} of {result.vm}"
+    what = f" ({desc['format']} image)" if desc and desc.get("kind") == "image" else ""
+    head = f"{result.mode} backup {result.backup_id} of {result.vm}{what}"
     if len(disks) == 1:
         d = disks[0]
         return (

@@ -107,3 +107,79 @@ def test_image_held_by_a_running_qemu_is_refused(
     p = run_cli("backup", img, "--repo", repo)
     line = assert_one_line_error(p)
     assert "in use by a running QEMU" in line and "qemu+unix://" in line
+
+
+def _servers_of(image: Path) -> list[int]:
+    """qemu-nbd processes serving ``image``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+def _stalled_backup(image: Path, repo: Path, tmp_path: Path,
+                    procs: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    from conftest import cli_env, snapferry_exe
+
+    stall = tmp_path / "stall.pids"
+    env = cli_env(SNAPFERRY_TEST_STALL_AFTER="2", SNAPFERRY_TEST_STALL_FILE=str(stall))
+    p = subprocess.Popen([*snapferry_exe(), "backup", str(image), "--repo", str(repo)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    procs.append(p)
+    deadline = time.monotonic() + 60
+    while not (stall.exists() and stall.read_text().strip()):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "backup never reached the stall point"
+        time.sleep(0.05)
+    assert len(_servers_of(image)) == 1
+    return p
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_interrupted_image_backup_leaves_no_server(
+    repo: Path, tmp_path: Path, procs: list[subprocess.Popen[str]], how: str
+) -> None:
+    """Ctrl-C rolls the backup back and stops the private qemu-nbd; a SIGKILLed snapferry
+    takes its qemu-nbd with it (parent-death signal): no server is left serving."""
+    import signal
+
+    from conftest import manifests
+
+    img = _qcow2(tmp_path / "big.qcow2", writes=("write -P 0x44 0 24M",))
+    p = _stalled_backup(img, repo, tmp_path, procs)
+    if how == "sigint":
+        os.killpg(p.pid, signal.SIGINT)
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert err.strip().splitlines()[-1].startswith("snapferry: ")
+    else:
+        p.kill()
+        p.wait(timeout=30)
+        os.killpg(p.pid, signal.SIGKILL)  # the stalled workers (same process group)
+    deadline = time.monotonic() + 20
+    while _servers_of(img):
+        assert time.monotonic() < deadline, "qemu-nbd outlived the backup"
+        time.sleep(0.05)
+    assert manifests(repo) == []
+
+
+def test_probed_backing_chain_needs_the_users_word(repo: Path, tmp_path: Path) -> None:
+    """A raw disk's guest controls its first bytes: a qcow2 header naming a host file as
+    backing file must not make the backup read that file."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host secret " * 1024)  # 12 KiB: a whole number of sectors
+    img = tmp_path / "guest.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
+                    str(img)], check=True)
+    p = run_cli("backup", img, "--repo", repo)
+    line = assert_one_line_error(p, code=2)
+    assert "--source-format" in line and str(secret) in line
+    p = run_cli("backup", img, "--repo", repo, "--source-format", "qcow2", "--json")
+    assert p.returncode == 0, p.stderr  # the user said so: the chain is read
+    assert json.loads(p.stdout)["disks"][0]["virtual_size"] == secret.stat().st_size

@@ -13,6 +13,11 @@ directory; the server also gets SIGTERM should snapferry die first.
 
 A file whose header QEMU recognises is never read raw when qemu-img is missing: the
 header is checked here too, and the user is told to install qemu-utils.
+
+A probed format is a guess from the file's first bytes, which the guest of a raw disk
+controls: an image that probes as having a backing file (a chain of other files, any
+host file a crafted header names) is refused unless the format was given
+(``--source-format``). The summary and the manifest say which format was read.
 """
 
 from __future__ import annotations
@@ -240,7 +245,18 @@ def open_image(path: str, *, bitmap: str | None = None, fmt: str | None = None) 
     if os.path.isdir(path):
         return FileSource(path)
     if fmt is None:
-        fmt = str(probe_format(path)["format"])
+        info = probe_format(path)
+        fmt = str(info["format"])
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if fmt != "raw" and backing:
+            # A probed format is only a guess: a raw guest disk can start with a qcow2
+            # header the guest wrote, naming any host file as its backing file. Reading
+            # a chain of files needs the user's word for it.
+            raise UsageError(
+                f"{path} looks like a {fmt} image on top of {backing}: the backup would "
+                f"read that chain; give --source-format {fmt} to back it up so, or "
+                "--source-format raw to read the file's bytes as they are"
+            )
     if fmt == "raw":
         if bitmap is not None:
             raise UsageError(
