@@ -43,35 +43,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from snapferry.engine.errors import UsageError
-    from snapferry.engine.restore import restore
     from snapferry.engine.restore_point_ref import resolve_restore_point
-    from snapferry.engine.restore_target import (
-        check_not_in_use,
-        infer_format,
-        is_block_device,
-        restore_to_device,
-    )
+    from snapferry.engine.restore_target import restore_to
 
     repo = open_repo(args)
     bid = resolve_restore_point(repo, args.backup_id)
-    to = Path(args.to)
-    fmt = infer_format(to, args.format)
-    check_not_in_use(to, force_in_use=args.force_in_use)
     progress = make_progress(args.json)
     with sigterm_as_interrupt():
         try:
-            if is_block_device(to):
-                if not args.force:
-                    raise UsageError(
-                        f"restore target {to} is a block device: its contents will be "
-                        "overwritten (use --force to do so)"
-                    )
-                result = restore_to_device(repo, bid, device=to, disk=args.disk,
-                                           workers=args.workers, progress=progress)
-            else:
-                result = restore(repo, bid, to=to, disk=args.disk, fmt=fmt,  # type: ignore[arg-type]
-                                 force=args.force, workers=args.workers, progress=progress)
+            result = restore_to(repo, bid, to=Path(args.to), disk=args.disk, fmt=args.format,
+                                force=args.force, force_in_use=args.force_in_use,
+                                workers=args.workers, progress=progress)
         finally:
             progress.finish()
     if args.json:

@@ -33,11 +33,13 @@ import numpy as np
 
 from snapferry.engine.errors import SnapferryError, UsageError
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.restore import RestoreResult, _write_chunks, pick_disk
+from snapferry.engine.restore import RestoreFormat, RestoreResult, _write_chunks, pick_disk
 from snapferry.engine.store.repo import Repository
 
-FORMATS = ("raw", "qcow2")
-_BY_SUFFIX = {".qcow2": "qcow2", ".qcow": "qcow2", ".raw": "raw", ".img": "raw"}
+FORMATS: tuple[RestoreFormat, ...] = ("raw", "qcow2")
+_BY_SUFFIX: dict[str, RestoreFormat] = {
+    ".qcow2": "qcow2", ".qcow": "qcow2", ".raw": "raw", ".img": "raw",
+}
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _ZERO_BLOCK = 1 << 20
 
@@ -60,14 +62,15 @@ def is_block_device(path: Path) -> bool:
         return False
 
 
-def infer_format(to: Path, fmt: str | None) -> str:
+def infer_format(to: Path, fmt: str | None) -> RestoreFormat:
     """The format to write ``to`` in: ``fmt``, else from the name (raw by default)."""
     if fmt is not None:
-        if fmt not in FORMATS:
+        known = [f for f in FORMATS if f == fmt]
+        if not known:
             raise UsageError(f"unknown restore format {fmt!r} ({' or '.join(FORMATS)})")
         if fmt != "raw" and is_block_device(to):
             raise UsageError(f"block device {to} takes --format raw only, not {fmt}")
-        return fmt
+        return known[0]
     if is_block_device(to):
         return "raw"
     return _BY_SUFFIX.get(to.suffix.lower(), "raw")
@@ -225,3 +228,34 @@ def restore_to_device(
         seconds=round(time.monotonic() - t0, 4),
         workers=nworkers,
     )
+
+
+def restore_to(
+    repo: Repository,
+    backup_id: str,
+    *,
+    to: Path,
+    disk: str | None = None,
+    fmt: str | None = None,
+    force: bool = False,
+    force_in_use: bool = False,
+    workers: int = 0,
+    progress: Progress = NullProgress(),
+) -> RestoreResult:
+    """Restore onto ``to`` whatever it is: the format from ``fmt`` or the name, refused
+    while a process holds ``to`` open (unless ``force_in_use``); a block device in
+    place (needs ``force``: its contents are replaced), a file through ``restore``."""
+    from snapferry.engine.restore import restore
+
+    out_fmt = infer_format(to, fmt)
+    check_not_in_use(to, force_in_use=force_in_use)
+    if is_block_device(to):
+        if not force:
+            raise UsageError(
+                f"restore target {to} is a block device: its contents will be overwritten "
+                "(use --force to do so)"
+            )
+        return restore_to_device(repo, backup_id, device=to, disk=disk, workers=workers,
+                                 progress=progress)
+    return restore(repo, backup_id, to=to, disk=disk, fmt=out_fmt, force=force,
+                   workers=workers, progress=progress)
