@@ -162,3 +162,23 @@ def test_no_two_cli_modules_import_each_other() -> None:
     for a, deps in graph.items():
         if a not in ("main", "__main__"):  # the entry points
             assert "main" not in deps, f"cli/{a}.py imports cli/main.py"
+
+
+def test_every_environment_variable_is_documented() -> None:
+    """Finding: SNAPFERRY_LAB_DIR, SNAPFERRY_DEBUG and others were undocumented."""
+    import re
+
+    used: set[str] = set()
+    for folder in ("engine", "native", "cli", "pkgroot", "tests", "bench", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            constants = set(re.findall(r"^(SNAPFERRY_[A-Z_]+) = ", text, re.M))
+            used |= set(re.findall(r"SNAPFERRY_[A-Z][A-Z_]*[A-Z]", text)) - constants
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(v for v in used if not re.search(rf"`{v}[`=]", readme))
+    assert not missing, f"not in the README: {missing}"
+    from snapferry.cli.common import ENVIRONMENT
+
+    helptext = run_cli("--help").stdout
+    for name, _what in ENVIRONMENT:
+        assert name in helptext
