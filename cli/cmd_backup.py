@@ -70,7 +70,7 @@ def add_parser(
     p.add_argument("--vddk-libdir", metavar="DIR", help="vSphere: VDDK library directory")
     p.add_argument("--transport", choices=("vddk", "nbd"), default=None,
                    help="vSphere: read disks through VDDK or nbdkit's vddk plugin "
-                        "(default: vddk)")
+                        "(default: the URI's transport=, else vddk)")
     p.add_argument("--vddk-transports", metavar="MODES",
                    help="vSphere: VDDK transport modes, e.g. nbdssl:nbd or hotadd:nbdssl")
     p.add_argument("--nbd-uri", metavar="URI",
