@@ -6,7 +6,7 @@ import argparse
 
 from snapferry.cli.common import epilog, open_repo
 from snapferry.cli.output import emit_json, human_bytes, table
-from snapferry.cli.shapes import restore_point_doc, short_time
+from snapferry.cli.shapes import restore_point_doc, short_time, source_text
 
 HELP = "list restore points"
 EXAMPLES = """
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append([
             m.backup_id, m.vm, m.mode, m.consistency, str(len(m.disks)),
             human_bytes(m.logical_bytes), human_bytes(stored), short_time(m.created),
+            source_text(m),
         ])
     print(table(["BACKUP_ID", "NAME", "MODE", "CONSISTENCY", "DISKS", "SIZE", "STORED",
-                 "CREATED (UTC)"], rows, right=("DISKS", "SIZE", "STORED")))
+                 "CREATED (UTC)", "SOURCE"], rows, right=("DISKS", "SIZE", "STORED")))
     return 0

@@ -55,6 +55,9 @@ def restore_point_doc(m: Manifest) -> dict[str, Any]:
     return {
         "backup_id": m.backup_id,
         "vm": m.vm,
+        # the series' source identity (HOST:/abs/path, NBD URI, VM id) once manifests
+        # record it (the plan branch adds Manifest.identity); null before
+        "identity": getattr(m, "identity", None),
         "created": m.created,
         "mode": m.mode,
         "parent": m.parent,
@@ -75,6 +78,19 @@ def restore_point_doc(m: Manifest) -> dict[str, Any]:
         "warnings": list(extra.get("warnings") or []),
         "disks": [disk_doc(d) for d in m.disks],
     }
+
+
+def source_text(m: Manifest) -> str:
+    """What a restore point was made from, for a table: its recorded identity, else the
+    path or URI of its first disk's source."""
+    identity = getattr(m, "identity", None)
+    if isinstance(identity, str) and identity:
+        return identity
+    src = _source(m) or {}
+    for key in ("path", "uri"):
+        if isinstance(src.get(key), str) and src[key]:
+            return str(src[key])
+    return "-"
 
 
 def short_time(created: str) -> str:

@@ -16,8 +16,8 @@ from snapferry.cli.output import SCHEMA_VERSION, configure, envelope
 from snapferry.cli.shapes import DISK_KEYS
 
 POINT_KEYS = {
-    "backup_id", "vm", "created", "mode", "parent", "consistency", "quiesced", "freeze_ms",
-    "verified", "source", "chunk_size", "logical_bytes", "bytes_read", "bytes_stored",
+    "backup_id", "vm", "identity", "created", "mode", "parent", "consistency", "quiesced",
+    "freeze_ms", "verified", "source", "chunk_size", "logical_bytes", "bytes_read", "bytes_stored",
     "chunks", "zero_chunks", "chunks_new", "chunks_reused", "seconds", "warnings", "disks",
 }
 

@@ -41,3 +41,11 @@ def test_list_of_one_series(repo: Path, mixed_image: Path) -> None:
     p = run_cli("list", "b", "--repo", repo)
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 2
     assert run_cli("list", "c", "--repo", repo).stdout.strip() == "no restore points of c"
+
+
+def test_list_shows_the_source(repo: Path, mixed_image: Path) -> None:
+    """Finding: ``list`` did not say what a restore point was made from."""
+    assert run_cli("backup", mixed_image, "--repo", repo, "--name", "x").returncode == 0
+    header, row = run_cli("list", "--repo", repo).stdout.splitlines()
+    assert header.split()[-1] == "SOURCE"
+    assert row.endswith(str(mixed_image)) or row.split()[-1].endswith(f":{mixed_image}")
