@@ -82,10 +82,14 @@ def restore_point_doc(m: Manifest) -> dict[str, Any]:
 
 def source_text(m: Manifest) -> str:
     """What a restore point was made from, for a table: its recorded identity, else the
-    path or URI of its first disk's source."""
+    VM's disk image (a VM's disks are read through a temporary NBD export whose URI
+    means nothing later), else the path or URI of its first disk's source."""
     identity = getattr(m, "identity", None)
     if isinstance(identity, str) and identity:
         return identity
+    files = [str(d.tracking["file"]) for d in m.disks if d.tracking.get("file")]
+    if files:
+        return ", ".join(files)
     src = _source(m) or {}
     for key in ("path", "uri"):
         if isinstance(src.get(key), str) and src[key]:
