@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from snapferry.cli.output import emit_json, human_bytes, make_progress
+from snapferry.cli.output import emit_json, human_bytes, make_progress, print_fields
 from snapferry.engine.errors import UsageError
 
 
 def backup_vm(args: argparse.Namespace) -> int:
-    from snapferry.cli.main import open_repo
+    from snapferry.cli.common import open_repo
     from snapferry.engine.coordinator import VmBackupOptions
     from snapferry.engine.coordinator import backup_vm as run
     from snapferry.engine.targets import TargetOptions, VsphereCliOptions, open_hypervisor
@@ -114,8 +114,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         if args.json:
             emit_json(st)
         else:
-            for k, v in st.items():
-                print(f"{k}: {v}")
+            print_fields(st)
         return 0 if st.get("running") else 3
     if not args.path:
         raise UsageError(f"lab {args.action} needs GUEST_PATH")
