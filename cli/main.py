@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from snapferry.cli.output import emit_json, fail, human_bytes, make_progress
 from snapferry.engine.errors import SnapferryError, UsageError
+from snapferry.engine.targets import VM_SCHEMES  # qemu+unix, vsphere, the libvirt forms
 
 REPO_ENV = "SNAPFERRY_REPO"
 DEBUG_ENV = "SNAPFERRY_DEBUG"
-VM_SCHEMES = ("qemu+unix", "vsphere")
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 FILE_DISK_NAME = "disk"
