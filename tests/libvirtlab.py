@@ -279,6 +279,8 @@ def lv_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvDomain]:
 
     from snapferry.engine.qemu.initramfs import build_initramfs
 
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)  # errors are raised, not printed
+
     lab_dir = Path(tempfile.mkdtemp(prefix="sflv-"))
     started_here = libvirtd_pid() is None
     libvirtd_up()

@@ -459,14 +459,14 @@ class LibvirtHypervisor:
         d.parent_checkpoint = None
         d.full_reason = None
         if d.fmt != "qcow2":
-            d.full_reason = (f"disk {d.name} is {d.fmt}: libvirt checkpoints need qcow2, so it "
-                             "is always backed up in full")
+            d.full_reason = (f"{d.fmt} image: libvirt checkpoints need qcow2, so this disk is "
+                             "always backed up in full")
             return
         if mode == "full":
             return
         if self._offline:
-            d.full_reason = (f"disk {d.name}: domain {self.target.domain} is shut off: its "
-                             "image is read directly in full (qemu-nbd -r)")
+            d.full_reason = (f"domain {self.target.domain} is shut off: its image is read "
+                             "directly in full (qemu-nbd -r)")
             return
         why: str | None = None
         cp = parent.tracking.get("checkpoint") if parent is not None else None
@@ -491,7 +491,7 @@ class LibvirtHypervisor:
             d.incremental = True
             d.parent_checkpoint = str(cp)
         elif why is not None:
-            d.full_reason = f"disk {d.name}: {why}: full backup"
+            d.full_reason = f"{why}: full backup"
 
     def _backup_xmls(self, name: str) -> tuple[str, str | None]:
         disks_xml = []
@@ -527,7 +527,7 @@ class LibvirtHypervisor:
         for d in self._disks:
             self._plan_disk(d, mode, parents.get(d.name))
             if d.full_reason and (d.fmt == "qcow2" or not said_raw):
-                self.progress.note(d.full_reason)
+                self.progress.note(f"disk {d.name}: {d.full_reason}")
                 said_raw = said_raw or d.fmt != "qcow2"
         now = dt.datetime.now(dt.UTC)
         name = CHECKPOINT_PREFIX + now.strftime("%Y%m%dT%H%M%S") + f"-{now.microsecond:06d}"
@@ -542,9 +542,9 @@ class LibvirtHypervisor:
             # the qcow2): never a wrong incremental, a full backup instead.
             for d in broken:
                 d.incremental = False
-                d.full_reason = (f"disk {d.name}: checkpoint {d.parent_checkpoint} is broken "
-                                 f"({e}): full backup")
-                self.progress.note(d.full_reason)
+                d.full_reason = (f"checkpoint {d.parent_checkpoint} is broken ({e}): "
+                                 "full backup")
+                self.progress.note(f"disk {d.name}: {d.full_reason}")
                 d.parent_checkpoint = None
             self._begin(name)
 
