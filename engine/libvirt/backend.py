@@ -392,6 +392,11 @@ class LibvirtHypervisor:
             raise QuiesceError(f"guest freeze not proven: {count} filesystem(s) frozen")
         return count
 
+    def _no_agent(self, e: Any) -> bool:
+        """The domain has no guest-agent channel (not merely a silent agent)."""
+        return bool(e.get_error_code() == self._lv.VIR_ERR_ARGUMENT_UNSUPPORTED
+                    and "not configured" in str(e))
+
     def _try_thaw(self) -> None:
         lv = self._lv
         try:
@@ -399,7 +404,7 @@ class LibvirtHypervisor:
             self._set_state(frozen=False)
         except lv.libvirtError as e:
             msg = self._err(e)
-            if "not frozen" in msg or "thawed" in msg:
+            if self._no_agent(e) or "not frozen" in msg or "thawed" in msg:
                 self._set_state(frozen=False)
             else:
                 self.progress.note(f"thaw: {msg}")
@@ -758,7 +763,10 @@ class LibvirtHypervisor:
                 self._dom().fsThaw(None, 0)
                 self._set_state(frozen=False)
             except self._lv.libvirtError as e:
-                errors.append(f"guest may still be frozen: {self._err(e)}")
+                if self._no_agent(e):  # no agent channel at all: nothing can be frozen
+                    self._set_state(frozen=False)
+                else:
+                    errors.append(f"guest may still be frozen: {self._err(e)}")
             except SnapferryError as e:
                 errors.append(f"guest may still be frozen: {e}")
             self._freeze_t0 = None
