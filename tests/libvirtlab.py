@@ -1,7 +1,8 @@
 """The lab guest as a libvirt domain, for the libvirt backend's tests.
 
-One libvirtd per test session (``scripts/libvirt-lab.sh up``; stopped at the end only if
-this session started it) and ONE transient-free persistent domain ``sf-lab-<pid>``:
+One libvirtd (``scripts/libvirt-lab.sh up``; stopped at the end only if this fixture
+started it) and ONE persistent domain ``sf-lab-<pid>`` for the module that uses it (one
+module does: module scope frees the CPU for the rest of the session):
 the lab kernel + initramfs (the same builder as the QEMU lab VM, with its qemu-ga, its
 fsfreeze hook that a test can make fail, and its write workload on /data0), two disks on
 virtio: ``vda`` qcow2 (ext4, the workload) and ``vdb`` raw (ext4, idle), a virtio-serial
@@ -273,10 +274,7 @@ def assert_domain_clean(d: LvDomain, work_dir: Path) -> None:
     assert left == [], left
 
 
-_shared: dict[str, Any] = {"dom": None}
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lv_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvDomain]:
     why = libvirt_missing()
     if why:
@@ -303,7 +301,6 @@ def lv_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvDomain]:
     d = LvDomain(name=name, lab_dir=lab_dir, disks=disks, formats=formats, conn=conn)
     try:
         d.start()
-        _shared["dom"] = d
         yield d
     finally:
         with contextlib.suppress(libvirt.libvirtError):

@@ -163,6 +163,10 @@ def test_full_and_two_incrementals_while_the_guest_writes(
             changed = plan["vda"].changed
             assert changed is not None, "incremental of vda without dirty ranges"
             vda = next(x for x in r.backup.disks if x.name == "vda")
+            dirty = sum(n for _o, n in changed)
+            print(f"incremental {n}: vda dirty ranges {dirty} B in {len(changed)} runs, "
+                  f"dirty chunks {dirty_bytes(changed, vda.virtual_size)} B, "
+                  f"read {vda.bytes_read} B")
             assert 0 < vda.bytes_read <= dirty_bytes(changed, vda.virtual_size)
             assert vda.bytes_read <= allocated["vda"] // 4, (vda.bytes_read, allocated)
             # the raw disk's note is said once per run, not per attempt or per disk
