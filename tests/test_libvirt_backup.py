@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,32 +242,41 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from coordvm import HookProgress
+from snapferry.engine.coordinator import VmBackupOptions, backup_vm
+from snapferry.engine.libvirt.backend import LibvirtHypervisor
+from snapferry.engine.libvirt.uri import parse_libvirt_uri
+from snapferry.engine.store.repo import Repository
+
+def die():
+    os.killpg(os.getpgid(0), signal.SIGKILL)  # this process and its reader workers
+
+hv = LibvirtHypervisor(parse_libvirt_uri({uri!r}), work_dir={work!r})
+backup_vm(hv, Repository.open({repo!r}), VmBackupOptions(
+    quiesce="required", workers=2, progress=HookProgress(on_first_advance=die)))
+"""
+
+
 def test_snapferry_killed_mid_copy_then_next_run(
     lv_domain: LvDomain, work: Path, repo: Repository, tmp_path: Path
 ) -> None:
-    """SIGKILL the CLI (and its workers) while libvirt's backup job is up: the job, the
-    freeze state and the unbacked checkpoint are cleared by the next run, which then
-    chains correctly."""
+    """SIGKILL of the backup process (and its workers) at its first copied bytes: the
+    job, the freeze state and the unbacked checkpoint are cleared by the next run, which
+    then chains correctly."""
     d = lv_domain
     run(d, work, repo)
     before = len(repo.list_backups())
     cps = ours(d)
-    env = dict(os.environ)
-    env.pop("SNAPFERRY_DEBUG", None)
-    p = subprocess.Popen([str(SNAPFERRY), "backup", d.uri, "--repo", str(repo.path), "--json",
-                          "--workers", "1"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _wait(lambda: backup_job_xml(d) is not None or p.poll() is not None, 120,
-              "the backup job to begin")
-        assert p.poll() is None, p.communicate()
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(30)
+    script = KILLER.format(tests=str(Path(__file__).parent), uri=d.uri, work=str(work),
+                           repo=str(repo.path))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, start_new_session=True)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
     assert backup_job_xml(d) is not None  # left behind by the kill, as a crash would
+    assert len(ours(d)) == 2  # the parent's and the dead run's
     assert len(repo.list_backups()) == before
     progress = HookProgress()
     notes: list[str] = []
@@ -277,6 +287,34 @@ def test_snapferry_killed_mid_copy_then_next_run(
     assert len(ours(d)) == 1 and ours(d) != cps
     assert_domain_clean(d, work)
     after_fault(d, work, repo, before + 1)
+
+
+def test_checkpoint_bitmap_broken_behind_our_back(lv_domain: LvDomain, work: Path,
+                                                  repo: Repository) -> None:
+    """libvirt still lists the checkpoint but its bitmap is gone from the qcow2 node: the
+    incremental cannot begin, the disk is backed up in full with one warning."""
+    import libvirt_qemu
+
+    d = lv_domain
+    run(d, work, repo)
+    (cp,) = ours(d)
+
+    def qmp(cmd: str, args: dict[str, object] | None = None) -> object:
+        msg = {"execute": cmd, **({"arguments": args} if args else {})}
+        return json.loads(libvirt_qemu.qemuMonitorCommand(d.dom(), json.dumps(msg), 0))["return"]
+
+    nodes = qmp("query-named-block-nodes", {"flat": True})
+    assert isinstance(nodes, list)
+    node = next(n["node-name"] for n in nodes
+                if any(b.get("name") == cp for b in n.get("dirty-bitmaps", [])))
+    qmp("block-dirty-bitmap-remove", {"node": node, "name": cp})
+    r = run(d, work, repo)
+    assert r.backup.mode == "full"
+    assert sum("broken" in w for w in r.warnings) == 1, r.warnings
+    assert_domain_clean(d, work)
+    assert len(ours(d)) == 1 and ours(d) != [cp]
+    r2 = run(d, work, repo)
+    assert r2.backup.mode == "incremental"
 
 
 def test_libvirtd_restarted_mid_backup(lv_domain: LvDomain, work: Path,

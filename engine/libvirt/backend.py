@@ -456,8 +456,20 @@ class LibvirtHypervisor:
         try:
             self._dom().checkpointLookupByName(name, 0).delete(0)
         except lv.libvirtError as e:
-            if e.get_error_code() != lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return
+            if "not found" not in str(e):
                 raise HypervisorError(f"cannot delete checkpoint {name}: {self._err(e)}") from e
+            # Its bitmap is already gone from the image (removed behind libvirt's back):
+            # only libvirt's record of it is left to drop.
+            try:
+                self._dom().checkpointLookupByName(name, 0).delete(
+                    lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            except lv.libvirtError as e2:
+                raise HypervisorError(
+                    f"cannot delete checkpoint {name}: {self._err(e)}; {self._err(e2)}") from e2
+            self.progress.note(f"checkpoint {name} had lost its bitmap: dropped libvirt's "
+                               "record of it")
 
     def _plan_disk(self, d: _Disk, mode: BackupMode, parent: ParentDisk | None) -> None:
         d.incremental = False
