@@ -1,7 +1,8 @@
 """``snapferry backup``: back up a disk image, an NBD export or a VM.
 
-VM sources (``qemu+unix://``, ``vsphere://``, ``lab``) go to ``snapferry.cli.vm``
-(passed in by ``main`` as ``vm_backup``); images and NBD exports are handled here.
+VM sources (``qemu+unix://``, ``vsphere://``, ``libvirt://``, ``lab``) go to
+``snapferry.cli.vm`` (passed in by ``main`` as ``vm_backup``); images and NBD exports are
+handled here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ NOTES = """sources:
   nbd://HOST[:PORT]/EXPORT           an NBD export (also nbds://, nbd+unix:///?socket=)
   qemu+unix:///QMP?agent=QGA         a running QEMU VM: its QMP socket and guest agent
   vsphere://USER@HOST/VM             a vSphere VM (docs/VSPHERE.md)
+  libvirt:///system/DOMAIN           a libvirt domain (also qemu:///system/DOMAIN)
   lab                                the lab VM (snapferry lab up)"""
 
 VmBackup = Callable[[argparse.Namespace], int]

@@ -4,6 +4,8 @@ Accepted forms:
 - ``qemu+unix:///PATH/qmp.sock?agent=/PATH/qga.sock[&name=NAME]`` — a running QEMU VM.
 - ``lab`` — the lab VM (``snapferry lab up``).
 - ``vsphere://USER@HOST[:PORT]/VM_NAME_OR_MOREF?thumbprint=...`` — a vSphere VM.
+- ``libvirt:///system/DOMAIN``, ``qemu:///system/DOMAIN``, ``qemu+ssh://HOST/system/DOMAIN``
+  — a libvirt domain (``snapferry.engine.libvirt.uri``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.hypervisor import Hypervisor
+from snapferry.engine.libvirt.uri import LIBVIRT_SCHEMES
 from snapferry.engine.progress import NullProgress, Progress
 
-VM_SCHEMES = ("qemu+unix", "vsphere")
+VM_SCHEMES = ("qemu+unix", "vsphere", *LIBVIRT_SCHEMES)
 
 
 def is_vm_target(source: str) -> bool:
@@ -95,6 +98,8 @@ def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hyperv
         return _qemu(t, work_dir_for(t.qmp_socket), opts)
     if scheme == "vsphere":
         return _vsphere(source, opts)
+    if scheme in LIBVIRT_SCHEMES:
+        return _libvirt(source, opts)
     raise UsageError(f"not a VM target: {source!r}")
 
 
@@ -120,6 +125,14 @@ def _qemu(t: QemuTarget, work_dir: Path, opts: TargetOptions) -> Hypervisor:
         agent_timeout=opts.agent_timeout,
         progress=opts.progress,
     )
+
+
+def _libvirt(source: str, opts: TargetOptions) -> Hypervisor:
+    from snapferry.engine.libvirt.backend import LibvirtHypervisor
+    from snapferry.engine.libvirt.uri import parse_libvirt_uri
+
+    t = parse_libvirt_uri(source)
+    return LibvirtHypervisor(t, work_dir=work_dir_for(t.key), progress=opts.progress)
 
 
 def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:

@@ -2,7 +2,8 @@
 # One-shot, idempotent set-up for a fresh Debian 12 machine:
 #   - the Debian packages snapferry and its tests use (QEMU, NBD tools, the lab VM's
 #     kernel and busybox, the reference tools the benchmark compares against, Go and
-#     govmomi for the vSphere simulator, Ceph for the S3 tests: mon, osd and radosgw),
+#     govmomi for the vSphere simulator, Ceph for the S3 tests: mon, osd and radosgw,
+#     libvirtd and the headers libvirt-python builds on),
 #   - a virtualenv at .venv with snapferry installed (editable) and its dev tools.
 # Re-running it is cheap: nothing is installed twice.
 set -euo pipefail
@@ -16,6 +17,7 @@ APT_PACKAGES=(
     golang-go golang-github-vmware-govmomi-dev
     gcc libc6-dev python3-venv
     radosgw ceph-mon ceph-osd ceph-common
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
 )
 
 missing=()
@@ -54,6 +56,6 @@ stamp=.venv/.snapferry-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing snapferry into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,s3]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,s3,libvirt]"
     touch "$stamp"
 fi
