@@ -1,8 +1,9 @@
 """``ChunkIndex``: the repository's id -> (pack, offset, lengths, digest) table in memory.
 
 Loaded from every index file (``index/*``) into sorted numpy arrays: 86 bytes per
-entry (a 70-byte row plus 16 bytes of contiguous sort keys; docs/FORMAT.md). Several entries may share an id (duplicates of racing writers,
-repairs); ``candidates`` returns them all, copies listed as damaged last.
+entry (a 70-byte row plus 16 bytes of contiguous sort keys; docs/FORMAT.md). Several
+entries may share an id (duplicates of racing writers, repairs); ``candidates``
+returns them all, copies listed as damaged last.
 """
 
 from __future__ import annotations
