@@ -56,4 +56,15 @@ def run(args: argparse.Namespace) -> int:
         ("compression ratio", _ratio(info.get("compression_ratio"))),
         ("total ratio", _ratio(info.get("total_ratio"))),
     ])
+    left = info.get("leftovers") or {}
+    if any(left.values()):
+        print_fields([(
+            "unreferenced",
+            f"{left['packs']} packs ({human_bytes(left['pack_bytes'])}), "
+            f"{left['index_files']} index files ({human_bytes(left['index_bytes'])}), "
+            f"{left['temp_files']} temp files ({human_bytes(left['temp_bytes'])}): "
+            "left by interrupted backups",
+        )])
+    for bad in info.get("damaged_restore_points") or []:
+        print_fields([("damaged", f"restore point {bad['backup_id']}: {bad['problem']}")])
     return 0

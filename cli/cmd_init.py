@@ -6,11 +6,13 @@ import argparse
 
 from snapferry.cli.common import REPO_ENV, epilog, parse_size
 from snapferry.cli.output import emit_json, human_bytes
+from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL
 
 HELP = "create a repository"
 EXAMPLES = """
   snapferry init /backup/repo
   snapferry init /backup/repo --chunk-size 1M
+  snapferry init /backup/repo --compression 9      # smaller, slower backups
   SNAPFERRY_REPO=/backup/repo snapferry init
 """
 NOTES = """notes:
@@ -23,8 +25,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        epilog=epilog(EXAMPLES, NOTES))
     p.add_argument("path", metavar="REPO", nargs="?", default=None,
                    help=f"the new repository's directory (default: --repo or ${REPO_ENV})")
-    p.add_argument("--chunk-size", type=parse_size, default=256 << 10, metavar="SIZE",
-                   help="chunk size, a power of two from 64K to 4M (default: 256K)")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                   help="chunk size, a power of two from 64K to 4M "
+                        f"(default: {human_bytes(DEFAULT_CHUNK_SIZE)})")
+    p.add_argument("--compression", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="LEVEL",
+                   help="zstd level 1..19 for new chunks: 19 stores least and is slowest "
+                        "(default: %(default)s; table in docs/chunk-size.md)")
     p.set_defaults(func=run)
 
 
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     loc = parse_location(args.path) if args.path else repo_location(args)
     check_new_location(loc)
-    repo = Repository.init(loc.path, chunk_size=args.chunk_size)
+    repo = Repository.init(loc.path, chunk_size=args.chunk_size, zstd_level=args.compression)
     if args.json:
         emit_json({"repository": str(repo.path), "id": repo.id, "chunk_size": repo.chunk_size,
                    "zstd_level": repo.zstd_level, "format": repo.config.get("format")})

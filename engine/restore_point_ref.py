@@ -27,14 +27,11 @@ def resolve_restore_point(repo: Repository, ref: str) -> str:
     ref = ref.strip()
     if not ref:
         raise UsageError("empty restore point id")
-    if ref != LATEST and not ref.startswith(LATEST + ":"):
-        try:
-            repo.backup_dir(ref)  # an exact id: no need to read every manifest
-            return ref
-        except RepositoryError:
-            pass
+    is_latest = ref == LATEST or ref.startswith(LATEST + ":")
+    if not is_latest and repo.has_backup(ref):  # an exact id: no manifest list needed
+        return ref
     backups = repo.list_backups()
-    if ref == LATEST or ref.startswith(LATEST + ":"):
+    if is_latest:
         name = ref[len(LATEST) + 1 :] if ":" in ref else None
         if name is not None:
             of = [m for m in backups if m.vm == name]

@@ -206,7 +206,7 @@ def restore_to_device(
         ):
             off = start * cs
             _zero_range(fd, off, min(index.virtual_size, end * cs) - off)
-        unique, written = _write_chunks(repo, index, fd, nworkers, progress)
+        unique, written = _write_chunks(repo.reader(), index, fd, nworkers, progress)
         os.fsync(fd)
     except OSError as e:
         raise SnapferryError(f"cannot write block device {device}: {e.strerror or e}") from None
