@@ -24,8 +24,15 @@ def _local(tmp_path: Path) -> Backend:
     return LocalBackend(str(tmp_path / "repo"), create=True)
 
 
+def _s3(tmp_path: Path) -> Backend:  # a bucket on the Ceph RGW lab (tests/cephlab.py)
+    from cephlab import contract_backend
+
+    return contract_backend(tmp_path)
+
+
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "local": _local,
+    "s3": _s3,
 }
 
 
