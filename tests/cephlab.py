@@ -5,7 +5,7 @@ stopped at the end of the session. ``s3_env`` (function): a fresh bucket and the
 environment a snapferry process needs to reach it. Tests that need it are skipped only
 when the Ceph binaries are absent (CI installs them with scripts/setup.sh).
 
-Use it from a test module with ``from cephlab import ceph_lab, s3_env  # noqa: F401``.
+Use it from a test module with ``pytest_plugins = ["cephlab"]``.
 """
 
 from __future__ import annotations
@@ -127,12 +127,14 @@ class CephLab:
         return int(f.read_text()) if f.exists() else None
 
     def stop_gateway(self) -> None:
-        """Stop radosgw (by its recorded pid); mon and osd keep the data."""
+        """Stop radosgw (SIGTERM to its recorded pid; a SIGKILLed gateway leaves its
+        watches behind and the next bucket creation waits ~30 s for them); mon and osd
+        keep the data."""
         pid = self._rgw_pid()
         if pid is None:
             return
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         for _ in range(100):
