@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import pickle
+from typing import TYPE_CHECKING
 
 import pytest
-from cephlab import S3Env
 from s3proxy import fault_proxy
 
 from snapferry.engine.errors import RepositoryError, UsageError
@@ -19,6 +19,9 @@ from snapferry.engine.store.backends.s3 import (
     parse_s3_url,
     spec_from_url,
 )
+
+if TYPE_CHECKING:
+    from cephlab import S3Env
 
 pytest_plugins = ["cephlab"]  # the ceph_lab and s3_env fixtures
 PACK = "ab" + "c" * 62
