@@ -201,7 +201,7 @@ def _stop_shared() -> None:
         shutil.rmtree(lab.dir, ignore_errors=True)
 
 
-def contract_backend(tmp_path: Path) -> Backend:
+def contract_backend(tmp_path: Path, *, cached: bool = False) -> Backend:
     """A fresh, empty S3 backend on the lab, for tests/contract/test_backend.py. The
     process environment gets the lab's credentials so that spawned workers reopening the
     spec find them through the AWS chain, as a real proxy's workers would."""
@@ -210,7 +210,12 @@ def contract_backend(tmp_path: Path) -> Backend:
     lab = shared_lab()
     os.environ.update(lab.env())
     bucket = lab.new_bucket("c")
-    return spec_from_url(f"s3://{bucket}/repo").open()
+    backend = spec_from_url(f"s3://{bucket}/repo").open()
+    if cached:
+        from snapferry.engine.store.backends.cached import IndexCachedBackend
+
+        return IndexCachedBackend(backend, tmp_path / "cache")
+    return backend
 
 
 @pytest.fixture(scope="session")
