@@ -144,6 +144,14 @@ class IndexCachedBackend:
     def close(self) -> None:
         self.inner.close()
 
+    def is_empty(self) -> bool:
+        """Whether the wrapped backend holds nothing (for ``init``)."""
+        probe = getattr(self.inner, "is_empty", None)
+        return bool(probe()) if probe is not None else not any(
+            True for kind in ("config", "data", "index", "snapshots") for _ in
+            self.inner.objects(kind)
+        )
+
     # -- the cache ---------------------------------------------------------------------
     def cached_names(self) -> set[str]:
         try:
