@@ -121,6 +121,20 @@ class CephLab:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def drop_bucket(self, name: str) -> None:
+        """Remove a bucket and all it holds (the OSD keeps everything in RAM)."""
+        c = self.client()
+        try:
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    c.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+            for up in c.list_multipart_uploads(Bucket=name).get("Uploads", []):
+                c.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
+            c.delete_bucket(Bucket=name)
+        except Exception:  # the gateway may be down after a fault test: best effort
+            pass
+
     # -- the gateway alone, for fault tests ----------------------------------------------
     def _rgw_pid(self) -> int | None:
         f = self.dir / "rgw.pid"
@@ -241,10 +255,12 @@ class S3Env:
 
 
 @pytest.fixture
-def s3_env(ceph_lab: CephLab, monkeypatch: pytest.MonkeyPatch) -> S3Env:
-    """A fresh bucket; this process's environment set to reach it."""
+def s3_env(ceph_lab: CephLab, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Env]:
+    """A fresh bucket, removed afterwards; this process's environment set to reach it."""
     for k, v in ceph_lab.env().items():
         monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "SNAPFERRY_S3_ADDRESSING"):
         monkeypatch.delenv(k, raising=False)
-    return S3Env(ceph_lab, ceph_lab.new_bucket())
+    env = S3Env(ceph_lab, ceph_lab.new_bucket())
+    yield env
+    ceph_lab.drop_bucket(env.bucket)

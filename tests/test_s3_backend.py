@@ -210,3 +210,23 @@ def test_missing_bucket_one_line(s3_env: S3Env) -> None:
         spec_from_url("s3://no-such-bucket/repo").open()
     made = S3Backend(spec_from_url("s3://made-by-init/repo"), create_bucket=True)
     assert made.is_empty()
+
+
+def test_reads_in_pack_order_are_widened_scattered_ones_are_not(s3_env: S3Env) -> None:
+    b = _open(s3_env)
+    data = os.urandom(10 << 20)
+    b.save("data", PACK, data)
+    chunk = 256 << 10
+    got = [b.load("data", PACK, off, chunk) for off in range(0, len(data), chunk)]
+    assert b"".join(got) == data
+    # 40 chunks in order: the first exact, then one 4 MiB window per 16 chunks
+    assert b.stats.requests["GET"] <= 5
+    before = b.stats.requests["GET"]
+    other = spec_from_url(s3_env.url).open()
+    for off in (7 << 20, 1 << 20, 9 << 20, 3 << 20):  # scattered: exact ranges only
+        assert other.load("data", PACK, off, 1000) == data[off : off + 1000]
+    assert other.stats.requests["GET"] == 4 and other.stats.bytes_down == 4000
+    # a window that reaches past the pack's end serves the short tail
+    assert b.load("data", PACK, len(data) - 10, 100) == data[-10:]
+    assert b.load("data", PACK, len(data) + 5, 100) == b""
+    assert b.stats.requests["GET"] == before

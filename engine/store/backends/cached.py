@@ -94,7 +94,7 @@ class IndexCachedBackend:
         return f"IndexCachedBackend({self.inner!r})"
 
     def save(
-        self, kind: str, name: str, data: bytes | memoryview, *, if_absent: bool = True
+        self, kind: str, name: str, data: bytes | bytearray | memoryview, *, if_absent: bool = True
     ) -> bool:
         created = self.inner.save(kind, name, data, if_absent=if_absent)
         if created and kind == "index":

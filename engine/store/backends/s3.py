@@ -21,6 +21,9 @@ How each rule of the ``Backend`` seam is kept on S3:
 * every request holds one slot of a pool of ``max_connections``; throttling (429, 503
   SlowDown), 5xx and connection errors are retried with capped exponential backoff and
   full jitter, ``retries`` times, then reported as one ``RepositoryError`` line.
+* ranged GETs for chunks inside packs; reads that walk a pack in order (restore,
+  verify) are widened to ``read_window`` (4 MiB) and served from a small per-process
+  LRU of windows, so a restore costs about one GET per 4 MiB, not one per chunk.
 * ``leftovers`` are the unfinished multipart uploads under the prefix.
 * credentials come from the standard AWS chain (environment, shared config and
   credentials files, ``AWS_PROFILE``, instance roles); none is stored in the spec.
@@ -39,7 +42,7 @@ import random
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ DEFAULT_CONNECTIONS = 16
 DEFAULT_RETRIES = 8
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
 DEFAULT_PART_SIZE = 16 << 20
+DEFAULT_READ_WINDOW = 4 << 20
 MIN_PART_SIZE = 5 << 20  # the S3 minimum for every part but the last
 _FANOUT_KINDS = ("data",)
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -123,6 +127,8 @@ class S3BackendSpec:
     retries: int = DEFAULT_RETRIES
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     part_size: int = DEFAULT_PART_SIZE
+    read_window: int = DEFAULT_READ_WINDOW
+    read_windows: int = 8  # windows kept per process (8 x 4 MiB)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
 
@@ -226,6 +232,9 @@ class S3Backend:
         self._parts_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._base = f"{spec.prefix}/" if spec.prefix else ""
+        self._window_lock = threading.Lock()
+        self._windows: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._last_end: OrderedDict[str, int] = OrderedDict()
         cfg = botocore.config.Config(
             max_pool_connections=spec.max_connections + 2,
             retries={"total_max_attempts": 1, "mode": "standard"},  # our own loop retries
@@ -277,11 +286,11 @@ class S3Backend:
         return f"S3Backend({self._spec.url!r}, endpoint={self._spec.endpoint!r})"
 
     def save(
-        self, kind: str, name: str, data: bytes | memoryview, *, if_absent: bool = True
+        self, kind: str, name: str, data: bytes | bytearray | memoryview, *, if_absent: bool = True
     ) -> bool:
         check_name(kind, name)
         key = self._key(kind, name)
-        body = bytes(data) if isinstance(data, memoryview) else data
+        body = data if isinstance(data, bytes) else bytes(data)
         if kind == "data" and len(body) > self._spec.multipart_threshold:
             if if_absent and self.stat(kind, name) is not None:
                 return False
@@ -325,6 +334,39 @@ class S3Backend:
             if self.stat(kind, name) is None:
                 raise ObjectMissing(f"{kind}/{name} is missing from the repository")
             return b""
+        if kind == "data" and length is not None and length < self._spec.read_window:
+            return self._load_sequential(name, offset, length)
+        return self._get(kind, name, offset, length)
+
+    def _load_sequential(self, name: str, offset: int, length: int) -> bytes:
+        """Chunks of a pack read in order (a restore, a verify) cost one GET per
+        ``read_window`` bytes instead of one per chunk: a read that starts where the
+        previous read of the same pack ended fetches a whole window, and the next reads
+        are served from it. Other reads (scattered dedup hits) stay exact ranges."""
+        w = self._spec.read_window
+        with self._window_lock:
+            for (pack, start), buf in self._windows.items():
+                if pack == name and start <= offset and (
+                    offset + length <= start + len(buf) or len(buf) < w
+                ):
+                    self._windows.move_to_end((pack, start))
+                    self._last_end[name] = offset + length
+                    return buf[offset - start : offset - start + length]
+            sequential = self._last_end.get(name) == offset
+            self._last_end[name] = offset + length
+            self._last_end.move_to_end(name)
+            while len(self._last_end) > 1024:
+                self._last_end.popitem(last=False)
+        if not sequential:
+            return self._get("data", name, offset, length)
+        buf = self._get("data", name, offset, w)
+        with self._window_lock:
+            self._windows[(name, offset)] = buf
+            while len(self._windows) > self._spec.read_windows:
+                self._windows.popitem(last=False)
+        return buf[:length]
+
+    def _get(self, kind: str, name: str, offset: int, length: int | None) -> bytes:
         key = self._key(kind, name)
         args: dict[str, object] = {"Bucket": self._spec.bucket, "Key": key}
         if offset or length is not None:

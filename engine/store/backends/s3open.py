@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from snapferry.engine.errors import RepositoryError
 from snapferry.engine.store.backend import Backend
 from snapferry.engine.store.backends.cached import IndexCachedBackend
 from snapferry.engine.store.backends.s3 import S3Backend, spec_from_url
@@ -32,3 +33,15 @@ def open_s3(
     ``create_bucket`` (for ``init``) creates a missing bucket."""
     backend = S3Backend(spec_from_url(url, endpoint=endpoint), create_bucket=create_bucket)
     return IndexCachedBackend(backend, cache_root) if cache else backend
+
+
+def new_s3(url: str, *, endpoint: str | None = None, cache_root: Path | None = None) -> Backend:
+    """The backend for ``init``: the bucket is created when missing; a prefix that
+    already holds anything (another repository, someone's files) is refused."""
+    backend = S3Backend(spec_from_url(url, endpoint=endpoint), create_bucket=True)
+    if not backend.is_empty():
+        backend.close()
+        raise RepositoryError(
+            f"{url} is not empty; a new repository needs a bucket prefix that holds nothing"
+        )
+    return IndexCachedBackend(backend, cache_root)
