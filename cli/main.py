@@ -55,6 +55,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_repo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", metavar="REPO", help=f"repository path (default: ${REPO_ENV})")
+    _add_s3(p)
+
+
+def _add_s3(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3 service for s3://BUCKET/PREFIX repositories (Ceph RGW, MinIO; "
+                        "default: $SNAPFERRY_S3_ENDPOINT, else AWS)")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", type=int, default=None, metavar="LEVEL",
                    help="zstd level 1..19 (default 1; 19 stores least, slowest; "
                         "see docs/chunk-size.md)")
+    _add_s3(p)
     _add_json(p)
 
     p = sub.add_parser("backup", help="back up a disk image, an NBD export or a VM")
@@ -219,10 +227,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         zstd_level=DEFAULT_ZSTD_LEVEL if args.compression is None else args.compression,
     )
     if args.json:
-        emit_json({"path": str(repo.path), "id": repo.id, "chunk_size": repo.chunk_size,
+        emit_json({"path": repo.backend.location, "id": repo.id, "chunk_size": repo.chunk_size,
                    "zstd_level": repo.zstd_level})
     else:
-        print(f"initialised repository {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
+        where = repo.backend.location
+        print(f"initialised repository {where} (chunk size {human_bytes(repo.chunk_size)})")
     return 0
 
 
@@ -335,7 +344,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(
             {
-                "repository": str(repo.path),
+                "repository": repo.backend.location,
                 "backups": [
                     {
                         "backup_id": m.backup_id,
@@ -442,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "s3_endpoint", None):  # workers inherit it with the environment
+            os.environ["SNAPFERRY_S3_ENDPOINT"] = args.s3_endpoint
         cmd = COMMANDS.get(args.command)
         if cmd is None:  # a command added by cli/vm.py: lab -> snapferry.cli.vm.cmd_lab
             cmd = getattr(_vm_module(), f"cmd_{args.command}")
