@@ -51,6 +51,13 @@ def test_urls_and_addressing() -> None:
         spec_from_url("s3://bucket/p", endpoint="ftp://x")
 
 
+def test_addressing_style_reaches_the_client(s3_env: S3Env) -> None:
+    path = _open(s3_env)
+    assert path._client.meta.config.s3["addressing_style"] == "path"
+    virt = _open(s3_env, addressing_style="virtual")
+    assert virt._client.meta.config.s3["addressing_style"] == "virtual"
+
+
 def test_large_pack_goes_multipart_and_reads_back_across_parts(s3_env: S3Env) -> None:
     b = _open(s3_env, multipart_threshold=MIN_PART_SIZE + 1, part_size=MIN_PART_SIZE)
     data = os.urandom(2 * MIN_PART_SIZE + 12345)
