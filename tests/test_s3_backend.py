@@ -28,7 +28,8 @@ PACK = "ab" + "c" * 62
 
 
 def _open(s3: S3Env, **kw: object) -> S3Backend:
-    return spec_from_url(s3.url, **kw).open()  # type: ignore[arg-type]
+    """Opened as the main process opens it: the bucket is probed (workers skip that)."""
+    return S3Backend(spec_from_url(s3.url, **kw))  # type: ignore[arg-type]
 
 
 def test_urls_and_addressing() -> None:
@@ -129,6 +130,7 @@ def test_spec_pickles_without_secrets_and_reopens(s3_env: S3Env) -> None:
     assert b"snapferrylabsecret" not in raw and b"snapferrylab" not in raw
     b.save("index", "i1", b"abc")
     again = pickle.loads(pickle.dumps(b))
+    assert again.stats.total() == 0  # a worker's reopening costs no request
     assert again.load("index", "i1") == b"abc"
     assert again.location == s3_env.url
 
@@ -214,7 +216,7 @@ def test_wrong_credentials_one_line(s3_env: S3Env, monkeypatch: pytest.MonkeyPat
 
 def test_missing_bucket_one_line(s3_env: S3Env) -> None:
     with pytest.raises(RepositoryError, match="S3 bucket 'no-such-bucket' does not exist at http"):
-        spec_from_url("s3://no-such-bucket/repo").open()
+        S3Backend(spec_from_url("s3://no-such-bucket/repo"))
     made = S3Backend(spec_from_url("s3://made-by-init/repo"), create_bucket=True)
     assert made.is_empty()
 

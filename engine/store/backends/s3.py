@@ -133,7 +133,8 @@ class S3BackendSpec:
     read_timeout: float = 60.0
 
     def open(self) -> S3Backend:
-        return S3Backend(self)
+        # A worker reopening a backend its parent already checked: no probe request.
+        return S3Backend(self, check=False)
 
     @property
     def url(self) -> str:
@@ -215,7 +216,9 @@ class _Transient(Exception):
 class S3Backend:
     """Objects in ``s3://bucket/prefix`` (see the module doc). Thread-safe."""
 
-    def __init__(self, spec: S3BackendSpec, *, create_bucket: bool = False) -> None:
+    def __init__(
+        self, spec: S3BackendSpec, *, create_bucket: bool = False, check: bool = True
+    ) -> None:
         try:
             import boto3
             import botocore.config
@@ -257,7 +260,8 @@ class S3Backend:
         self._client = session.client(
             "s3", endpoint_url=spec.endpoint, region_name=region, config=cfg
         )
-        self._check_bucket(create_bucket)
+        if check or create_bucket:
+            self._check_bucket(create_bucket)
 
     # -- the Backend protocol --------------------------------------------------------
     @property
@@ -280,7 +284,7 @@ class S3Backend:
         return {"spec": self._spec}
 
     def __setstate__(self, state: dict[str, S3BackendSpec]) -> None:
-        self.__init__(state["spec"])  # type: ignore[misc]
+        self.__init__(state["spec"], check=False)  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"S3Backend({self._spec.url!r}, endpoint={self._spec.endpoint!r})"
