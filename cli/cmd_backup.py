@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             src.close()
     if args.json:
         doc = result.to_json()
-        doc["repository"] = str(repo.path)
+        doc["repository"] = repo.backend.location
         doc.setdefault("quiesced", None)
         doc.setdefault("freeze_ms", None)
         doc.setdefault("warnings", [])

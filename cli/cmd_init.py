@@ -14,10 +14,12 @@ EXAMPLES = """
   snapferry init /backup/repo --chunk-size 1M
   snapferry init /backup/repo --compression 9      # smaller, slower backups
   SNAPFERRY_REPO=/backup/repo snapferry init
+  snapferry init s3://backups/site-a --s3-endpoint http://127.0.0.1:7480
 """
 NOTES = """notes:
   Only the last path component is created: the parent folder must exist.
-  Remote repositories (s3:, sftp:, rest:) are planned, not supported yet."""
+  S3: s3://BUCKET/PREFIX with --s3-endpoint URL (or $SNAPFERRY_S3_ENDPOINT) and the
+  usual AWS credentials; a missing bucket is created. sftp: and rest: are planned."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     loc = parse_location(args.path) if args.path else repo_location(args)
     check_new_location(loc)
-    repo = Repository.init(loc.path, chunk_size=args.chunk_size, zstd_level=args.compression)
+    repo = Repository.init(loc.target, chunk_size=args.chunk_size, zstd_level=args.compression)
+    where = repo.backend.location
     if args.json:
-        emit_json({"repository": str(repo.path), "id": repo.id, "chunk_size": repo.chunk_size,
+        emit_json({"repository": where, "id": repo.id, "chunk_size": repo.chunk_size,
                    "zstd_level": repo.zstd_level, "format": repo.config.get("format")})
     else:
-        print(f"initialised repository {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
+        print(f"initialised repository {where} (chunk size {human_bytes(repo.chunk_size)})")
     return 0

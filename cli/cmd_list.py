@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     backups = repo.list_backups(args.name)
     if args.json:
-        emit_json({"repository": str(repo.path),
+        emit_json({"repository": repo.backend.location,
                    "backups": [restore_point_doc(m) for m in backups]})
         return 0
     if not backups:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             "unique_chunks": result.unique_chunks,
             "bytes_written": result.bytes_written,
         }
-        doc["repository"] = str(repo.path)
+        doc["repository"] = repo.backend.location
         emit_json(doc)
     else:
         print(

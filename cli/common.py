@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 PROG = "snapferry"
 REPO_ENV = "SNAPFERRY_REPO"
 DEBUG_ENV = "SNAPFERRY_DEBUG"
+S3_ENDPOINT_ENV = "SNAPFERRY_S3_ENDPOINT"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -157,16 +158,20 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     if "-q" not in have and "--quiet" not in have:
         g.add_argument("-q", "--quiet", dest=pre + "quiet", action="store_true",
                        help="no progress bar and no notes; errors and warnings still show")
+    if "--s3-endpoint" not in have:
+        g.add_argument("--s3-endpoint", dest=pre + "s3_endpoint", metavar="URL", default=None,
+                       help="S3 service for s3://BUCKET/PREFIX repositories (Ceph RGW, "
+                            f"MinIO; default: ${S3_ENDPOINT_ENV}, else AWS)")
 
 
 def merge_globals(args: argparse.Namespace) -> argparse.Namespace:
     """Fold the options given before the command into those given after it."""
-    for name in ("repo", "json", "verbose", "quiet"):
+    for name in ("repo", "json", "verbose", "quiet", "s3_endpoint"):
         before = getattr(args, GLOBAL_PREFIX + name, None)
         after = getattr(args, name, None)
         if name == "verbose":
             value: object = int(before or 0) + int(after or 0)
-        elif name == "repo":
+        elif name in ("repo", "s3_endpoint"):
             value = after if after is not None else before
         else:
             value = bool(before) or bool(after)
@@ -188,13 +193,13 @@ def repo_location(args: argparse.Namespace) -> RepoLocation:
 
 
 def repo_path(args: argparse.Namespace) -> str:
-    return str(repo_location(args).path)
+    return str(repo_location(args))
 
 
 def open_repo(args: argparse.Namespace) -> Repository:
     from snapferry.engine.store.repo import Repository
 
-    return Repository.open(repo_location(args).path)
+    return Repository.open(repo_location(args).target)
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from snapferry.cli.common import (
     EXIT_USAGE,
     PROG,
     REPO_ENV,
+    S3_ENDPOINT_ENV,
     Parser,
     add_global_options,
     merge_globals,
@@ -181,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         args = merge_globals(parser.parse_args(argv))
+        if getattr(args, "s3_endpoint", None):  # worker processes inherit the environment
+            os.environ[S3_ENDPOINT_ENV] = args.s3_endpoint
         json_mode = bool(args.json)
         debug = debug or args.verbose >= 2
         repo = (args.repo or os.environ.get(REPO_ENV)) if args.command in REPO_COMMANDS else None

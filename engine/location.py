@@ -1,11 +1,11 @@
 """Where a repository lives: parse the REPO string a user gives.
 
-Today every repository is a local directory. Strings that look like URIs of remote
-stores that are planned (``s3:``, ``sftp:``, ``rest:``) are refused with one line
-that names them, instead of being taken for a relative path (``init
-s3:https://host/bucket`` once created a local folder named ``s3:https:``). This is
-where an object-store backend will plug in: ``parse_location`` will return a location
-of another ``kind``, and the repository will open the matching ``Backend``.
+A repository is a local directory or an S3 bucket prefix (``s3://BUCKET/PREFIX``).
+Strings that look like URIs of remote stores that are planned (``sftp:``, ``rest:``)
+or malformed S3 locations (``s3:https://host/bucket``) are refused with one line,
+instead of being taken for a relative path (``init s3:https://host/bucket`` once
+created a local folder named ``s3:https:``). ``RepoLocation.target`` is what
+``Repository.init``/``open`` take; they pick the matching ``Backend``.
 
 ``init`` creates only the last path component: a typo in a parent folder
 (``/backup/rpeo/vm1``) is an error, not a new tree of folders.
@@ -22,7 +22,6 @@ from urllib.parse import unquote, urlsplit
 from snapferry.engine.errors import UsageError
 
 PLANNED_SCHEMES = {
-    "s3": "S3 object storage",
     "sftp": "SFTP",
     "rest": "a REST server",
 }
@@ -31,18 +30,42 @@ PLANNED_SCHEMES = {
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
+S3_FORM = "s3://BUCKET/PREFIX (the service from --s3-endpoint or $SNAPFERRY_S3_ENDPOINT)"
+
+
 @dataclass(frozen=True, slots=True)
 class RepoLocation:
-    """A parsed repository location (only ``local`` exists so far)."""
+    """A parsed repository location: a local directory, or an S3 URL."""
 
-    kind: Literal["local"]
+    kind: Literal["local", "s3"]
     path: Path
+    url: str = ""
+
+    @property
+    def target(self) -> str | Path:
+        """What ``Repository.init`` / ``Repository.open`` take."""
+        return self.url if self.kind == "s3" else self.path
 
     def __str__(self) -> str:
-        return str(self.path)
+        return self.url if self.kind == "s3" else str(self.path)
+
+
+def _s3_location(text: str) -> RepoLocation:
+    parts = urlsplit(text)
+    if not parts.netloc or parts.query or parts.fragment:
+        raise UsageError(f"S3 repository {text!r} is not of the form {S3_FORM}")
+    bucket = parts.netloc
+    if not 3 <= len(bucket) <= 63 or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", bucket):
+        raise UsageError(
+            f"S3 repository {text!r}: {bucket!r} is not a valid bucket name "
+            "(3-63 characters: lower-case letters, digits, '.' and '-')"
+        )
+    return RepoLocation("s3", Path(), url=text)
 
 
 def _planned_message(scheme: str, text: str) -> str:
+    if scheme == "s3":
+        return f"S3 repositories are written {S3_FORM}, not {text!r}"
     known = ", ".join(f"{s}:" for s in PLANNED_SCHEMES)
     what = PLANNED_SCHEMES.get(scheme)
     head = f"{what} repositories ({scheme}:)" if what else f"{scheme}: repositories"
@@ -54,7 +77,8 @@ def _planned_message(scheme: str, text: str) -> str:
 
 def parse_location(text: str) -> RepoLocation:
     """``/backup/repo``, ``./repo`` or ``file:///backup/repo`` → a local location;
-    ``s3:...``, ``sftp:...``, ``rest:...`` and any other ``scheme://`` → ``UsageError``."""
+    ``s3://BUCKET/PREFIX`` → an S3 location; other ``s3:...`` forms, ``sftp:...``,
+    ``rest:...`` and any other ``scheme://`` → ``UsageError``."""
     if not text or not text.strip():
         raise UsageError("empty repository location")
     m = _SCHEME_RE.match(text)
@@ -65,7 +89,9 @@ def parse_location(text: str) -> RepoLocation:
             if parts.netloc not in ("", "localhost"):
                 raise UsageError(f"file: location {text!r} names another host")
             return RepoLocation("local", Path(unquote(parts.path)))
-        if scheme in PLANNED_SCHEMES:
+        if scheme == "s3" and text[m.end() :].startswith("//"):
+            return _s3_location(text)
+        if scheme in PLANNED_SCHEMES or scheme == "s3":
             raise UsageError(_planned_message(scheme, text))
         if text[m.end() :].startswith("//"):
             raise UsageError(_planned_message(scheme, text))
@@ -74,7 +100,10 @@ def parse_location(text: str) -> RepoLocation:
 
 def check_new_location(loc: RepoLocation) -> None:
     """Refuse a new repository whose parent directory is missing (only the last path
-    component is created), before anything is written."""
+    component is created), before anything is written. S3: nothing to check here
+    (the backend creates a missing bucket and refuses a non-empty prefix)."""
+    if loc.kind == "s3":
+        return
     path = loc.path
     parent = path.absolute().parent
     if not parent.exists():

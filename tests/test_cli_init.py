@@ -14,15 +14,19 @@ from snapferry.engine.location import parse_location
 
 
 @pytest.mark.parametrize(
-    "location",
-    ["s3:https://s3.example.com/bucket", "s3:bucket/prefix", "sftp:user@host:/srv/repo",
-     "rest:http://127.0.0.1:8000/", "ftp://host/repo"],
+    ("location", "said"),
+    [("s3:https://s3.example.com/bucket", "s3://BUCKET/PREFIX"),
+     ("s3:bucket/prefix", "s3://BUCKET/PREFIX"),
+     ("s3://x/prefix", "not a valid bucket name"),
+     ("sftp:user@host:/srv/repo", "sftp:, rest: are planned"),
+     ("rest:http://127.0.0.1:8000/", "sftp:, rest: are planned"),
+     ("ftp://host/repo", "sftp:, rest: are planned")],
 )
-def test_init_refuses_remote_looking_locations(tmp_path: Path, location: str) -> None:
+def test_init_refuses_remote_looking_locations(tmp_path: Path, location: str, said: str) -> None:
     """Finding: ``init s3:https://...`` created local folders named ``s3:https:``."""
     p = run_cli("init", location, env=cli_env())
     line = assert_one_line_error(p, code=2)
-    assert "not supported yet" in line and "s3:, sftp:, rest:" in line
+    assert said in line
     # nothing was created under the working directory (run_cli runs in the checkout)
     scheme = location.split(":", 1)[0]
     from conftest import ROOT
@@ -63,4 +67,11 @@ def test_file_uri_is_a_local_directory(tmp_path: Path) -> None:
 
 def test_other_commands_refuse_remote_repositories(tmp_path: Path) -> None:
     p = run_cli("list", "--repo", "s3:https://s3.example.com/bucket")
+    assert "s3://BUCKET/PREFIX" in assert_one_line_error(p, code=2)
+    p = run_cli("list", "--repo", "sftp://host/srv/repo")
     assert "not supported yet" in assert_one_line_error(p, code=2)
+
+
+def test_s3_url_is_an_s3_location() -> None:
+    loc = parse_location("s3://backups-1/site-a/repo")
+    assert loc.kind == "s3" and loc.target == "s3://backups-1/site-a/repo"

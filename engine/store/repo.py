@@ -22,6 +22,7 @@ from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
 from snapferry.engine.store import locks
 from snapferry.engine.store.backend import Backend, ObjectInfo, ObjectMissing
 from snapferry.engine.store.backends.local import LocalBackend
+from snapferry.engine.store.backends.s3open import is_s3_url, new_s3, open_s3
 from snapferry.engine.store.blobs import TYPE_CHUNK, TYPE_PAGE, encode
 from snapferry.engine.store.chunkindex import ChunkIndex
 from snapferry.engine.store.chunks import ChunkReader, ChunkWriterSpec
@@ -127,10 +128,13 @@ class Repository:
             raise UsageError(f"compression level must be 1..{MAX_ZSTD_LEVEL}, not {zstd_level}")
         if not (1 << 20) <= pack_size <= (1 << 30):
             raise UsageError(f"pack size must be 1 MiB .. 1 GiB, not {pack_size}")
-        p = Path(path)
-        backend = LocalBackend(str(p), create=True)
-        if not backend.is_empty():
-            raise RepositoryError(f"{p} is not empty; a new repository needs an empty dir")
+        if is_s3_url(str(path)):  # a bucket (engine/store/backends/s3open.py)
+            backend: Backend = new_s3(str(path))
+        else:
+            p = Path(path)
+            backend = LocalBackend(str(p), create=True)
+            if not backend.is_empty():
+                raise RepositoryError(f"{p} is not empty; a new repository needs an empty dir")
         config = {
             "format": REPO_FORMAT,
             "kind": REPO_KIND,
@@ -148,11 +152,13 @@ class Repository:
             "key_id": 0,
         }
         if not backend.save("config", "config", (json.dumps(config, indent=2) + "\n").encode()):
-            raise RepositoryError(f"{p} already holds a repository")
+            raise RepositoryError(f"{backend.location} already holds a repository")
         return cls(backend, config)
 
     @classmethod
     def open(cls, path: Path | str) -> Repository:
+        if is_s3_url(str(path)):
+            return cls.open_backend(open_s3(str(path)))
         return cls.open_backend(LocalBackend(str(path)))
 
     @classmethod

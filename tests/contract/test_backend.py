@@ -24,8 +24,22 @@ def _local(tmp_path: Path) -> Backend:
     return LocalBackend(str(tmp_path / "repo"), create=True)
 
 
+def _s3(tmp_path: Path) -> Backend:  # a bucket on the Ceph RGW lab (tests/cephlab.py)
+    from cephlab import contract_backend
+
+    return contract_backend(tmp_path)
+
+
+def _s3_cached(tmp_path: Path) -> Backend:  # the same, as opened for s3:// (index cache)
+    from cephlab import contract_backend
+
+    return contract_backend(tmp_path, cached=True)
+
+
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "local": _local,
+    "s3": _s3,
+    "s3-cached": _s3_cached,
 }
 
 
