@@ -167,7 +167,7 @@ def test_missing_bucket_one_line(s3_env: S3Env, tmp_path: Path) -> None:
     p = run_cli("list", "--repo", "s3://no-such-bucket/repo", env=_env(s3_env, tmp_path))
     assert "bucket 'no-such-bucket' does not exist" in assert_one_line_error(p)
     p = run_cli("list", "--repo", "s3://ab/repo", env=_env(s3_env, tmp_path))
-    assert "invalid S3 bucket name" in assert_one_line_error(p)
+    assert "not a valid bucket name" in assert_one_line_error(p)
 
 
 def test_bucket_holding_something_else(s3_env: S3Env, tmp_path: Path) -> None:
