@@ -86,7 +86,7 @@ def _syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     mv = memoryview(data).cast("B")
     while mv:
         mv = mv[os.write(fd, mv) :]
@@ -152,7 +152,7 @@ class LocalBackend:
         return f"LocalBackend({self.root!r})"
 
     def save(
-        self, kind: str, name: str, data: bytes | memoryview, *, if_absent: bool = True
+        self, kind: str, name: str, data: bytes | bytearray | memoryview, *, if_absent: bool = True
     ) -> bool:
         check_name(kind, name)
         what = f"writing {kind}/{name}"
