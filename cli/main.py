@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repo(p)
     _add_json(p)
 
+    from snapferry.cli import forget, prune  # retention (issue 10)
+
+    forget.add_parser(sub)
+    prune.add_parser(sub)
     vm = _vm_module()
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo (cli/vm.py)
@@ -427,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
-        cmd = COMMANDS.get(args.command)
+        cmd = COMMANDS.get(args.command) or getattr(args, "func", None)
         if cmd is None:  # a command added by cli/vm.py: lab -> snapferry.cli.vm.cmd_lab
             cmd = getattr(_vm_module(), f"cmd_{args.command}")
         return int(cmd(args))

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from snapferry.engine.errors import CorruptionError, RepositoryError
+from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
 from snapferry.engine.store import locks
 from snapferry.engine.store.backend import Backend, ObjectMissing
 from snapferry.engine.store.blobs import ENTRY_DTYPE, ENTRY_SIZE, check_blob
@@ -534,7 +534,7 @@ def prune(
     """Run prune (see the module doc). ``lock_name``: the caller already holds the
     exclusive role under that lock (``forget --prune``)."""
     if not 0 <= max_unused <= 100:
-        raise RepositoryError(f"--max-unused must be a percentage 0..100, not {max_unused}")
+        raise UsageError(f"--max-unused must be a percentage 0..100, not {max_unused}")
     t0 = time.monotonic()
     report = PruneReport(dry_run=dry_run)
     faults = _Faults()

@@ -1,0 +1,67 @@
+"""``snapferry forget``: remove restore points by id or by a retention policy."""
+
+from __future__ import annotations
+
+import argparse
+
+from snapferry.cli.output import emit_json
+from snapferry.cli.prune import print_prune
+
+HELP = "remove restore points by id or by a --keep-* retention policy"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("forget", help=HELP, description=HELP + " (docs/RETENTION.md).")
+    p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
+    p.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
+    for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N",
+                       help=f"keep the newest point of each of the N newest {unit} buckets"
+                       if unit != "last" else "keep the N newest points")
+    p.add_argument("--keep-within", metavar="DURATION",
+                   help="keep every point within DURATION (e.g. 7d, 1y6m, 36h) of the newest")
+    p.add_argument("--vm", metavar="NAME", help="only the restore points of this VM/name")
+    p.add_argument("--dry-run", action="store_true", help="show the decisions, change nothing")
+    p.add_argument("--prune", action="store_true", help="run prune afterwards (same lock)")
+    p.add_argument("--max-unused", type=float, default=None, metavar="PERCENT",
+                   help="with --prune: repack packs more unused than this (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from snapferry.cli.main import open_repo
+    from snapferry.engine.forget import forget
+    from snapferry.engine.retention import Policy, parse_duration
+    from snapferry.engine.store.prune import DEFAULT_MAX_UNUSED
+
+    policy = Policy(
+        last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
+        weekly=args.keep_weekly, monthly=args.keep_monthly, yearly=args.keep_yearly,
+        within=parse_duration(args.keep_within) if args.keep_within else None,
+    )
+    repo = open_repo(args)
+    res = forget(
+        repo, policy=policy, backup_ids=args.backup_ids, vm=args.vm, dry_run=args.dry_run,
+        then_prune=args.prune,
+        max_unused=DEFAULT_MAX_UNUSED if args.max_unused is None else args.max_unused,
+    )
+    if args.json:
+        emit_json(res.to_json())
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"policy: {res.policy}")
+    print(f"{'BACKUP_ID':26} {'VM':16} {'CREATED':20} {'ACTION':7} REASONS")
+    for d in res.decisions:
+        print(f"{d.point.backup_id:26} {d.point.group[:16]:16} "
+              f"{d.point.created.strftime('%Y-%m-%d %H:%M:%S'):20} "
+              f"{'keep' if d.keep else 'remove':7} {', '.join(d.reasons)}")
+    for name, why, rm in res.damaged:
+        print(f"{name:26} {'?':16} {'?':20} {'remove' if rm else 'keep':7} damaged: {why}")
+    n = sum(not d.keep for d in res.decisions) + sum(rm for _n, _w, rm in res.damaged)
+    print(f"{verb} {n} restore point(s), kept {len(res.kept)}")
+    if res.prune is not None and not args.dry_run:
+        print_prune(res.prune)
+    elif args.prune:
+        print("prune: run snapferry prune --dry-run to see what it would free")
+    return 0
