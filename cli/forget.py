@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TypeVar
 
 from snapferry.cli.output import emit_json
 from snapferry.cli.prune import print_prune
 
+_P = TypeVar("_P", bound=argparse.ArgumentParser)
 HELP = "remove restore points by id or by a --keep-* retention policy"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p = sub.add_parser("forget", help=HELP, description=HELP + " (docs/RETENTION.md).")
     p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
     p.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TypeVar
 
 from snapferry.cli.output import emit_json, human_bytes
 from snapferry.engine.store.prune import PruneReport
 
+_P = TypeVar("_P", bound=argparse.ArgumentParser)
 HELP = "delete and repack packs no restore point needs; remove leftovers of killed backups"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p = sub.add_parser("prune", help=HELP, description=HELP + " (docs/FORMAT.md, Deleters).")
     p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
     p.add_argument("--dry-run", action="store_true", help="show what would be freed; no lock, "
