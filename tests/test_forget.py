@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from prune_helpers import evolve, point_at, read_data_ok, restores_identical
+
 from snapferry.engine.errors import UsageError
 from snapferry.engine.forget import forget
 from snapferry.engine.retention import Duration, Point, Policy, apply_policy, parse_duration
