@@ -14,6 +14,7 @@ import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prune_helpers import evolve, point_at, read_data_ok, restores_identical
 
@@ -219,3 +220,26 @@ def test_prune_killed_at_every_step(
     left = verify_repo(repo).leftovers
     assert (left.packs, left.index_files, left.temp_files) == (0, 0, 0)
     assert os.listdir(rp / "locks") == []
+
+
+def test_verify_reports_unreferenced_space_and_index_pack_disagreement(tmp_path: Path) -> None:
+    from snapferry.engine.store.blobs import ENTRY_DTYPE
+    from snapferry.engine.store.pack import encode_index_file, read_pack_trailer
+
+    repo, content = _build(tmp_path, points=4)
+    forget(repo, policy=Policy(last=2))
+    rep = verify_repo(repo)
+    assert rep.ok and any("no restore point uses" in n for n in rep.notes), rep.notes
+    pack = next(iter(i.name for i in repo.backend.objects("data")))
+    entries = read_pack_trailer(repo.backend, pack).copy()
+    wrong = np.array(entries[:1], dtype=ENTRY_DTYPE)
+    wrong["offset"] = wrong["offset"] + 1  # an index file that lies about the pack
+    name, blob = encode_index_file([(bytes.fromhex(pack), wrong.tobytes())])
+    repo.backend.save("index", name, blob)
+    rep = verify_repo(repo)
+    assert any(pack[:16] in p and "disagrees" in p for p in rep.problems), rep.problems
+    repo.backend.remove("index", name)
+    prune(repo, max_unused=0)
+    rep = verify_repo(repo)
+    assert rep.ok and not any("no restore point uses" in n for n in rep.notes), rep.notes
+    _all_restore(repo, content, tmp_path)

@@ -597,3 +597,45 @@ def _run(repo: Repository, max_unused: float, report: PruneReport, faults: _Faul
     report.bytes_after = sum(i.size for i in backend.objects("data")) + sum(
         i.size for i in backend.objects("index")
     )
+
+
+# -- for verify ----------------------------------------------------------------------------------
+
+
+def index_pack_problems(repo: Repository, index: ChunkIndex, present: dict[str, int]) -> list[str]:
+    """Chunk index <-> packs: every entry an index file gives for a present pack must be
+    an entry of that pack's own trailer (same id, offset, lengths, codec, digest)."""
+    out: list[str] = []
+    t = index.table
+    for pno, pid in enumerate(index.packs):
+        name = pid.hex()
+        if name not in present:
+            continue  # verify reports missing packs itself
+        try:
+            trailer = read_pack_trailer(repo.backend, name, present[name])
+        except RepositoryError:
+            continue  # reported by verify's own trailer check
+        rows = t[t["pack"] == pno]
+        mine = _entries_of(index, np.flatnonzero(t["pack"] == pno))
+        have = {(bytes(e["id"]), int(e["offset"])): e for e in trailer}
+        bad = 0
+        for e, row in zip(mine, rows, strict=True):
+            tr = have.get((bytes(e["id"]), int(e["offset"])))
+            if tr is None or (int(tr["stored_len"]), int(tr["raw_len"]), int(tr["codec"]),
+                              bytes(tr["digest"])) != (int(row["stored_len"]),
+                                                       int(row["raw_len"]), int(row["codec"]),
+                                                       bytes(row["digest"])):
+                bad += 1
+        if bad:
+            out.append(f"pack {name[:16]}: {bad} index entr(ies) its trailer does not list "
+                       "as they say (an index file disagrees with the pack)")
+    return out
+
+
+def unreferenced_bytes(repo: Repository) -> int | None:
+    """Bytes no restore point uses (inside used packs too), as prune would count them;
+    None when prune could not plan (a damaged restore point or a missing blob)."""
+    try:
+        return plan_prune(repo, 100.0, PruneReport(dry_run=True)).unreferenced_bytes
+    except RepositoryError:
+        return None
