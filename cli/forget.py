@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:26} {'?':16} {'?':20} {'remove' if rm else 'keep':7} damaged: {why}")
     n = sum(not d.keep for d in res.decisions) + sum(rm for _n, _w, rm in res.damaged)
     print(f"{verb} {n} restore point(s), kept {len(res.kept)}")
-    if res.prune is not None and not args.dry_run:
+    if res.prune is not None:
         print_prune(res.prune)
-    elif args.prune:
-        print("prune: run snapferry prune --dry-run to see what it would free")
     return 0

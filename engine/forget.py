@@ -79,7 +79,10 @@ def forget(
     if dry_run:
         _plan(repo, policy, ids, vm, result)
         if then_prune:
-            result.prune = prune_mod.PruneReport(dry_run=True)
+            gone = frozenset(d.point.backup_id for d in result.decisions if not d.keep) | {
+                n for n, _w, rm in result.damaged if rm}
+            result.prune = prune_mod.prune(repo, max_unused=max_unused, dry_run=True,
+                                           without=gone)
         return result
     with prune_mod.exclusive(repo, "forget") as lock:
         _plan(repo, policy, ids, vm, result)

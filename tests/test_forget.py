@@ -104,8 +104,10 @@ def test_ninety_daily_points_keep_daily_7_weekly_4_monthly_3_then_prune(tmp_path
     gone_bytes = sum(idx.candidates(c)[0].stored_len for c in gone_ids)
     assert gone_bytes > 100 * CS // 2  # most random chunks compress to nothing less
 
-    dry = forget(repo, policy=Policy(daily=7, weekly=4, monthly=3), dry_run=True)
+    dry = forget(repo, policy=Policy(daily=7, weekly=4, monthly=3), dry_run=True,
+                 then_prune=True)
     assert {day_of[d.point.backup_id] for d in dry.kept} == want
+    assert dry.prune is not None and dry.prune.dry_run
     assert len(repo.list_backups()) == 90  # the dry run changed nothing
 
     res = forget(repo, policy=Policy(daily=7, weekly=4, monthly=3), then_prune=True)
@@ -119,6 +121,9 @@ def test_ninety_daily_points_keep_daily_7_weekly_4_monthly_3_then_prune(tmp_path
     rep = res.prune
     assert rep is not None and not rep.problems
     assert rep.bytes_freed >= gone_bytes
+    # the dry run's estimate: packs only (index files are rewritten too)
+    est = dry.prune.bytes_freed
+    assert est >= gone_bytes and abs(rep.bytes_freed - est) <= 96 * 1024, (est, rep)
     assert rep.bytes_freed <= rep.unreferenced_bytes_before + 4096 * rep.index_files_before
     after = repo.chunk_index(types=(TYPE_CHUNK,))
     assert not any(after.contains(c) for c in list(gone_ids)[:200])

@@ -197,6 +197,8 @@ class _Plan:
     bad_index_files: list[str] = field(default_factory=list)
     unreferenced_bytes: int = 0
     rewrite_index: bool = False
+    repack_unused: int = 0
+    trusted: np.ndarray | None = None  # per table row: agrees with its pack's trailer
 
 
 def _mark(repo: Repository, index: ChunkIndex, manifests: list[Manifest]) -> KeyArray:
@@ -228,7 +230,55 @@ def _mark(repo: Repository, index: ChunkIndex, manifests: list[Manifest]) -> Key
     return refs.fold()
 
 
-def _choose(index: ChunkIndex, refs: KeyArray, present: dict[str, int]) -> tuple[
+def trailer_agreement(backend: Backend, index: ChunkIndex, present: dict[str, int]) -> tuple[
+    np.ndarray, dict[str, int]
+]:
+    """Per table row: False when the row's pack is present, its trailer reads, and the
+    trailer has no entry at that offset with the same id, lengths, codec and digest (an
+    index file that lies about a pack is never trusted over the pack itself). Also the
+    count of such rows per pack."""
+    t = index.table
+    ok = np.ones(len(t), dtype=bool)
+    bad: dict[str, int] = {}
+    if not len(t):
+        return ok, bad
+    by_pack = np.argsort(t["pack"], kind="stable")
+    packs_sorted = t["pack"][by_pack]
+    for pno, pid in enumerate(index.packs):
+        name = pid.hex()
+        if name not in present:
+            continue
+        a = int(np.searchsorted(packs_sorted, pno, "left"))
+        b = int(np.searchsorted(packs_sorted, pno, "right"))
+        if a == b:
+            continue
+        try:
+            tr = read_pack_trailer(backend, name, present[name])
+        except RepositoryError:
+            continue  # unreadable trailer: verify reports it; the index file stands
+        rows = by_pack[a:b]
+        r = t[rows]
+        toff = tr["offset"].astype(np.int64)
+        k = np.minimum(np.searchsorted(toff, r["offset"].astype(np.int64)), max(len(tr) - 1, 0))
+        if not len(tr):
+            ok[rows] = False
+            bad[name] = len(rows)
+            continue
+        m = tr[k]
+        thi, tlo = split_ids(m["id"])
+        same = (
+            (toff[k] == r["offset"]) & (thi == r["hi"]) & (tlo == r["lo"])
+            & (m["stored_len"] == r["stored_len"]) & (m["raw_len"] == r["raw_len"])
+            & (m["codec"] == r["codec"]) & (m["digest"] == r["digest"])
+        )
+        if not same.all():
+            ok[rows[~same]] = False
+            bad[name] = int((~same).sum())
+    return ok, bad
+
+
+def _choose(index: ChunkIndex, refs: KeyArray, present: dict[str, int],
+            trusted: np.ndarray | None = None) -> tuple[
     np.ndarray, np.ndarray
 ]:
     """(chosen row mask, mask over ``refs`` of ids with no usable copy)."""
@@ -239,6 +289,8 @@ def _choose(index: ChunkIndex, refs: KeyArray, present: dict[str, int]) -> tuple
     member = _member(refs, hi, lo)
     pack_ok = np.array([p.hex() in present for p in index.packs], dtype=bool)
     bad = ~pack_ok[t["pack"]] if n else np.zeros(0, dtype=bool)
+    if trusted is not None and n:
+        bad = bad | ~trusted
     if index.damaged and n:
         dam = np.zeros(n, dtype=bool)
         for row in np.flatnonzero(member).tolist():
@@ -261,9 +313,14 @@ def _choose(index: ChunkIndex, refs: KeyArray, present: dict[str, int]) -> tuple
     return chosen, missing
 
 
-def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Plan:
+def plan_prune(repo: Repository, max_unused: float, report: PruneReport,
+               without: frozenset[str] = frozenset()) -> _Plan:
+    """The plan (nothing changed). ``without``: restore points to plan as if removed
+    (``forget --dry-run --prune``)."""
     backend = repo.backend
     scan = repo.scan()
+    scan.manifests = [m for m in scan.manifests if m.backup_id not in without]
+    scan.bad = [(n, w) for n, w in scan.bad if n not in without]
     if scan.bad:
         names = ", ".join(n for n, _w in scan.bad)
         raise RepositoryError(
@@ -278,7 +335,11 @@ def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Pla
     for name, why in load.bad_files:
         report.problems.append(f"{why} (index/{name}): ignored, removed when replaced")
     refs = _mark(repo, index, scan.manifests)
-    chosen, missing = _choose(index, refs, packs)
+    trusted, liars = trailer_agreement(backend, index, packs)
+    for name, k in sorted(liars.items()):
+        report.problems.append(f"pack {name[:16]}: {k} index entr(ies) its trailer does not "
+                               "list as they say: ignored, dropped from the new index")
+    chosen, missing = _choose(index, refs, packs, trusted)
     # packs no index file names: dead writers' leftovers, or packs whose index file was lost
     indexed = index.pack_names()
     unindexed = [p for p in packs if p not in indexed]
@@ -295,8 +356,9 @@ def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Pla
                 index.add_group(bytes.fromhex(name), entries)
                 reindexed.append(name)
         if reindexed:
-            len(index)  # settle the table
-            chosen, missing = _choose(index, refs, packs)
+            len(index)  # settle the table (rows move: recompute the trailer check)
+            trusted, liars = trailer_agreement(backend, index, packs)
+            chosen, missing = _choose(index, refs, packs, trusted)
     if missing.any():
         k = int(missing.sum())
         first = _keys_bytes(refs[0][missing][:1], refs[1][missing][:1])[0].tobytes().hex()
@@ -305,7 +367,7 @@ def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Pla
             f"have no copy (first: {first}); run snapferry verify"
         )
     plan = _Plan(scan.manifests, index_files, packs, index, chosen, len(refs[0]),
-                 reindexed=reindexed, bad_index_files=bad_files)
+                 reindexed=reindexed, bad_index_files=bad_files, trusted=trusted)
     t = index.table
     npacks = len(index.packs)
     pk = t["pack"].astype(np.int64)
@@ -335,6 +397,7 @@ def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Pla
             plan.unreferenced_bytes += unused
             if unused * 100.0 > max_unused * size and int(all_n[pno]) > int(used_n[pno]):
                 plan.repack.append(name)
+                plan.repack_unused += unused
             else:
                 plan.keep.append(name)
     for name in unindexed:
@@ -343,7 +406,7 @@ def plan_prune(repo: Repository, max_unused: float, report: PruneReport) -> _Pla
             plan.unreferenced_bytes += packs[name]
     gone = {p.hex() for p in index.packs} - set(packs)
     plan.rewrite_index = bool(
-        plan.delete or plan.repack or reindexed or bad_files or gone
+        plan.delete or plan.repack or reindexed or bad_files or gone or liars
         or not first_row.all() or len(index_files) > _index_files_needed(len(t)) * 2 + 1
     )
     report.restore_points = len(scan.manifests)
@@ -445,7 +508,10 @@ def _write_index(repo: Repository, plan: _Plan, keep: list[str], report: PruneRe
         groups, count = [], 0
 
     for name in sorted(keep):
-        rows = np.flatnonzero(t["pack"] == pno_of[name])
+        sel = t["pack"] == pno_of[name]
+        if plan.trusted is not None:
+            sel &= plan.trusted
+        rows = np.flatnonzero(sel)
         if not len(rows):
             continue
         rows = rows[np.argsort(t["offset"][rows], kind="stable")]
@@ -527,16 +593,18 @@ def prune(
     max_unused: float = DEFAULT_MAX_UNUSED,
     dry_run: bool = False,
     lock_name: str | None = None,
+    without: frozenset[str] = frozenset(),
 ) -> PruneReport:
     """Run prune (see the module doc). ``lock_name``: the caller already holds the
-    exclusive role under that lock (``forget --prune``)."""
+    exclusive role under that lock (``forget --prune``). ``without``: with ``dry_run``,
+    plan as if those restore points were removed."""
     if not 0 <= max_unused <= 100:
         raise UsageError(f"--max-unused must be a percentage 0..100, not {max_unused}")
     t0 = time.monotonic()
     report = PruneReport(dry_run=dry_run)
     faults = _Faults()
     if dry_run:
-        plan = plan_prune(repo, max_unused, report)
+        plan = plan_prune(repo, max_unused, report, without)
         _fill_dry(plan, report)
     elif lock_name is not None:
         _run(repo, max_unused, report, faults, lock_name)
@@ -551,7 +619,7 @@ def _fill_dry(plan: _Plan, report: PruneReport) -> None:
     report.packs_deleted = len(plan.delete)
     report.packs_repacked = len(plan.repack)
     report.packs_reindexed = len(plan.reindexed)
-    report.bytes_freed = sum(plan.packs[p] for p in plan.delete + plan.repack)
+    report.bytes_freed = sum(plan.packs[p] for p in plan.delete) + plan.repack_unused
     report.bytes_after = report.bytes_before - report.bytes_freed
 
 
@@ -605,31 +673,9 @@ def _run(repo: Repository, max_unused: float, report: PruneReport, faults: _Faul
 def index_pack_problems(repo: Repository, index: ChunkIndex, present: dict[str, int]) -> list[str]:
     """Chunk index <-> packs: every entry an index file gives for a present pack must be
     an entry of that pack's own trailer (same id, offset, lengths, codec, digest)."""
-    out: list[str] = []
-    t = index.table
-    for pno, pid in enumerate(index.packs):
-        name = pid.hex()
-        if name not in present:
-            continue  # verify reports missing packs itself
-        try:
-            trailer = read_pack_trailer(repo.backend, name, present[name])
-        except RepositoryError:
-            continue  # reported by verify's own trailer check
-        rows = t[t["pack"] == pno]
-        mine = _entries_of(index, np.flatnonzero(t["pack"] == pno))
-        have = {(bytes(e["id"]), int(e["offset"])): e for e in trailer}
-        bad = 0
-        for e, row in zip(mine, rows, strict=True):
-            tr = have.get((bytes(e["id"]), int(e["offset"])))
-            if tr is None or (int(tr["stored_len"]), int(tr["raw_len"]), int(tr["codec"]),
-                              bytes(tr["digest"])) != (int(row["stored_len"]),
-                                                       int(row["raw_len"]), int(row["codec"]),
-                                                       bytes(row["digest"])):
-                bad += 1
-        if bad:
-            out.append(f"pack {name[:16]}: {bad} index entr(ies) its trailer does not list "
-                       "as they say (an index file disagrees with the pack)")
-    return out
+    _ok, bad = trailer_agreement(repo.backend, index, present)
+    return [f"pack {name[:16]}: {k} index entr(ies) its trailer does not list as they say "
+            "(an index file disagrees with the pack)" for name, k in sorted(bad.items())]
 
 
 def unreferenced_bytes(repo: Repository) -> int | None:
