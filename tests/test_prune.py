@@ -244,3 +244,59 @@ def test_verify_reports_unreferenced_space_and_index_pack_disagreement(tmp_path:
     rep = verify_repo(repo)
     assert rep.ok and not any("no restore point uses" in n for n in rep.notes), rep.notes
     _all_restore(repo, content, tmp_path)
+
+
+def test_real_backup_killed_mid_copy_is_reclaimed_by_prune(tmp_path: Path) -> None:
+    """Issue 15, item 9: `snapferry backup` (with its worker processes) SIGKILLed while
+    it writes packs; `snapferry prune` then removes every byte it left."""
+    import signal
+    import time
+
+    from conftest import run_cli
+    from store_helpers import all_packs
+
+    rp = tmp_path / "repo"
+    assert run_cli("init", rp, "--chunk-size", "64K").returncode == 0
+    small = tmp_path / "small.img"
+    small.write_bytes(random.Random(1).randbytes(2 << 20))
+    assert run_cli("backup", small, "--repo", rp, "--name", "keep").returncode == 0
+    assert run_cli("prune", "--repo", rp).returncode == 0
+    repo = Repository.open(rp)
+    packs_before = sorted(p.name for p in all_packs(repo))
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        rng = random.Random(2)
+        for _ in range(96):
+            f.write(rng.randbytes(1 << 20))
+    p = subprocess.Popen([sys.executable, "-m", "snapferry", "backup", str(big), "--repo",
+                          str(rp), "--name", "vm", "--workers", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while (time.monotonic() < deadline and len(all_packs(repo)) < len(packs_before) + 1
+           and p.poll() is None):
+        time.sleep(0.02)
+    assert p.poll() is None, "the backup ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    for _ in range(500):  # the workers die with the group (prune spares live writers)
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    assert [m.vm for m in repo.list_backups()] == ["keep"]
+    left = verify_repo(repo).leftovers
+    assert left.pack_bytes + left.temp_bytes >= 1 << 20  # packs and/or half-written ones
+    r = run_cli("prune", "--repo", rp, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["bytes_freed"] >= left.pack_bytes + left.temp_bytes
+    assert doc["temp_files_removed"] == left.temp_files
+    assert sorted(p.name for p in all_packs(repo)) == packs_before
+    left = verify_repo(repo).leftovers
+    assert (left.packs, left.index_files, left.temp_files) == (0, 0, 0)
+    assert os.listdir(rp / "locks") == []
+    out = tmp_path / "out.raw"
+    bid = repo.list_backups()[0].backup_id
+    assert run_cli("restore", bid, "--repo", rp, "--to", out).returncode == 0
+    assert out.read_bytes() == small.read_bytes()

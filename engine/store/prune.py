@@ -58,6 +58,8 @@ INDEX_FILE_ENTRIES = 1 << 17
 KILL_ENV = "SNAPFERRY_PRUNE_KILL_AT"
 """Test hook: ``STEP`` or ``STEP:N`` makes prune SIGKILL itself at that step (the N-th
 time it is reached, default 1). Steps: ``STEPS``."""
+TRACE_ENV = "SNAPFERRY_PRUNE_TRACE"
+"""Measurement hook: non-empty prints the peak RSS at each step on stderr."""
 STEPS = ("locked", "marked", "repack", "repacked", "indexed", "unindex", "unindexed",
          "delete", "deleted", "cleaned")
 
@@ -71,10 +73,17 @@ class _Faults:
         step, _, n = spec.partition(":")
         self.step = step
         self.left = int(n) if n.isdigit() else 1
+        self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
         if step and step not in STEPS:
             raise RepositoryError(f"{KILL_ENV}={spec}: unknown step (steps: {', '.join(STEPS)})")
 
     def at(self, step: str) -> None:
+        if self.trace:
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+            sys.stderr.write(f"prune step {step}: peak RSS {rss} MiB\n")
         if step != self.step:
             return
         self.left -= 1
@@ -159,7 +168,7 @@ class _IdAccumulator:
         nz = (hi != 0) | (lo != 0)  # NULL_ID is never stored
         self._parts.append((hi[nz], lo[nz]))
         self._pending += len(hi)
-        if self._pending > 1 << 22:
+        if self._pending > 1 << 20:
             self.fold()
 
     def fold(self) -> KeyArray:
@@ -535,16 +544,30 @@ def _pid_of_temp(name: str) -> int | None:
     return None
 
 
+def _process_alive(pid: int) -> bool:
+    """A process of this host with this pid runs (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # process table, not repository data
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 def _remove_leftovers(backend: Backend, report: PruneReport) -> None:
     """Temp files of dead processes (never of a live one, never in ``locks/``)."""
     for info in backend.leftovers():
         if info.kind == "locks":
             continue
         pid = _pid_of_temp(info.name)
-        if pid is not None and pid != os.getpid():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, 0)
-                continue  # that process lives: maybe still writing
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
+            continue  # that process lives: maybe still writing
         with contextlib.suppress(RepositoryError, OSError):
             backend.remove_leftover(info)
             report.temp_files_removed += 1
