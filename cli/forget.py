@@ -16,10 +16,13 @@ def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p = sub.add_parser("forget", help=HELP, description=HELP + " (docs/RETENTION.md).")
     p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
     p.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
-    for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+    p.add_argument("--keep-last", type=int, default=0, metavar="N",
+                   help="keep the N newest points (-1: all)")
+    for unit, span in (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"),
+                       ("monthly", "months"), ("yearly", "years")):
         p.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N",
-                       help=f"keep the newest point of each of the N newest {unit} buckets"
-                       if unit != "last" else "keep the N newest points")
+                       help=f"keep the newest point of each of the N newest {span} (UTC) "
+                       "that hold one")
     p.add_argument("--keep-within", metavar="DURATION",
                    help="keep every point within DURATION (e.g. 7d, 1y6m, 36h) of the newest")
     p.add_argument("--vm", metavar="NAME", help="only the restore points of this VM/name")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for d in res.decisions:
         print(f"{d.point.backup_id:26} {d.point.group[:16]:16} "
               f"{d.point.created.strftime('%Y-%m-%d %H:%M:%S'):20} "
-              f"{'keep' if d.keep else 'remove':7} {', '.join(d.reasons)}")
+              f"{'keep' if d.keep else 'remove':7} {', '.join(d.reasons) or '-'}")
     for name, why, rm in res.damaged:
         print(f"{name:26} {'?':16} {'?':20} {'remove' if rm else 'keep':7} damaged: {why}")
     n = sum(not d.keep for d in res.decisions) + sum(rm for _n, _w, rm in res.damaged)
