@@ -419,6 +419,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key in ("dedup_ratio", "compression_ratio", "total_ratio"):
         if info.get(key) is not None:
             print(f"{key.replace('_', ' '):14} {info[key]}")
+    left = info.get("leftovers") or {}
+    if any(left.values()):
+        print(f"unreferenced   {left['packs']} packs ({human_bytes(left['pack_bytes'])}), "
+              f"{left['index_files']} index files ({human_bytes(left['index_bytes'])}), "
+              f"{left['temp_files']} temp files ({human_bytes(left['temp_bytes'])}): "
+              "left by interrupted backups")
+    for bad in info.get("damaged_restore_points") or []:
+        print(f"damaged        restore point {bad['backup_id']}: {bad['problem']}")
     return 0
 
 

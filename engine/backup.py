@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,7 @@ class BackupResult:
     copy_seconds: float = 0.0
     verify_seconds: float = 0.0
     worker_peak_rss_kib: list[int] = field(default_factory=list)
+    parent_peak_rss_kib: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -442,6 +444,7 @@ class BackupSession:
                 "copy_seconds": round(self._copy_seconds, 3),
                 "verify_seconds": round(self._verify_seconds, 3),
                 "worker_peak_rss_kib": self._rss,
+                "parent_peak_rss_kib": _self_peak_rss_kib(),
             },
         )
         if meta:
@@ -475,6 +478,7 @@ class BackupSession:
             copy_seconds=round(self._copy_seconds, 3),
             verify_seconds=round(self._verify_seconds, 3),
             worker_peak_rss_kib=self._rss,
+            parent_peak_rss_kib=_self_peak_rss_kib(),
         )
 
     def abort(self) -> None:
@@ -495,6 +499,10 @@ class BackupSession:
                             self.repo.backend.remove_leftover(left)
         finally:
             self._locks.close()
+
+
+def _self_peak_rss_kib() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _temp_pid(name: str) -> int | None:

@@ -187,7 +187,7 @@ def test_chunk_index_table(backend: LocalBackend) -> None:
     pw.flush()
     idx = ChunkIndex()
     idx.load(backend)
-    assert len(idx) == 50 and BYTES_PER_ENTRY == 70
+    assert len(idx) == 50 and BYTES_PER_ENTRY == 70 and idx.nbytes() == 50 * 86
     d = datas[17]
     cid = chunk_id(1, d)
     assert idx.lookup_valid(cid, strong_digest(d), len(d))

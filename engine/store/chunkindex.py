@@ -1,8 +1,9 @@
 """``ChunkIndex``: the repository's id -> (pack, offset, lengths, digest) table in memory.
 
-Loaded from every index file (``index/*``) into sorted numpy arrays: 70 bytes per
-entry (docs/FORMAT.md). Several entries may share an id (duplicates of racing writers,
-repairs); ``candidates`` returns them all, copies listed as damaged last.
+Loaded from every index file (``index/*``) into sorted numpy arrays: 86 bytes per
+entry (a 70-byte row plus 16 bytes of contiguous sort keys; docs/FORMAT.md). Several
+entries may share an id (duplicates of racing writers, repairs); ``candidates``
+returns them all, copies listed as damaged last.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TABLE_DTYPE = np.dtype(
         ("digest", "V32"),
     ]
 )
-BYTES_PER_ENTRY = TABLE_DTYPE.itemsize  # 62 + 8 of the two sort keys kept beside = 70
+BYTES_PER_ENTRY = TABLE_DTYPE.itemsize  # 70; plus 16 bytes of sort keys kept beside
 _ID_BE = np.dtype(">u8")
 
 
@@ -231,8 +232,9 @@ class ChunkIndex:
                 prev = b
 
     def nbytes(self) -> int:
+        """Memory of the table: 70 bytes per entry plus 16 of contiguous sort keys."""
         self._settle()
-        return int(self.table.nbytes)
+        return int(self.table.nbytes + self._hi.nbytes + self._lo.nbytes)
 
     def pack_names(self) -> set[str]:
         return {p.hex() for p in self.packs}

@@ -128,8 +128,6 @@ class Repository:
         if not (1 << 20) <= pack_size <= (1 << 30):
             raise UsageError(f"pack size must be 1 MiB .. 1 GiB, not {pack_size}")
         p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise RepositoryError(f"{p} exists and is not a directory")
         backend = LocalBackend(str(p), create=True)
         if not backend.is_empty():
             raise RepositoryError(f"{p} is not empty; a new repository needs an empty dir")

@@ -118,6 +118,8 @@ class LocalBackend:
                 os.fchmod(self._rootfd, DIR_MODE)
         except FileNotFoundError:
             raise RepositoryError(f"no repository at {root} (path does not exist)") from None
+        except FileExistsError:
+            raise RepositoryError(f"{root} exists and is not a directory") from None
         except NotADirectoryError:
             raise RepositoryError(
                 f"{root} is not a snapferry repository (not a directory)"
