@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -65,13 +64,13 @@ def generate(root: Path, points: int, per: int, stride: int) -> None:
 
 def run_prune(root: str) -> None:
     from snapferry.engine.store import Repository
-    from snapferry.engine.store.prune import prune
+    from snapferry.engine.store.prune import peak_rss_mib, prune
 
     t0 = time.monotonic()
     rep = prune(Repository.open(root))
     out = rep.to_json()
     out["wall_s"] = round(time.monotonic() - t0, 1)
-    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
 

@@ -67,6 +67,19 @@ KeyArray = tuple[np.ndarray, np.ndarray]
 """Sorted unique ids as (hi, lo) uint64 arrays (big-endian halves)."""
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``: not inherited across exec, unlike
+    ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 class _Faults:
     def __init__(self) -> None:
         spec = os.environ.get(KILL_ENV, "")
@@ -74,16 +87,16 @@ class _Faults:
         self.step = step
         self.left = int(n) if n.isdigit() else 1
         self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
+        self.last_traced = ""
         if step and step not in STEPS:
             raise RepositoryError(f"{KILL_ENV}={spec}: unknown step (steps: {', '.join(STEPS)})")
 
     def at(self, step: str) -> None:
-        if self.trace:
-            import resource
+        if self.trace and step != self.last_traced:
             import sys
 
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-            sys.stderr.write(f"prune step {step}: peak RSS {rss} MiB\n")
+            self.last_traced = step
+            sys.stderr.write(f"prune step {step}: peak RSS {peak_rss_mib()} MiB\n")
         if step != self.step:
             return
         self.left -= 1
