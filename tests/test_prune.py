@@ -300,3 +300,19 @@ def test_real_backup_killed_mid_copy_is_reclaimed_by_prune(tmp_path: Path) -> No
     bid = repo.list_backups()[0].backup_id
     assert run_cli("restore", bid, "--repo", rp, "--to", out).returncode == 0
     assert out.read_bytes() == small.read_bytes()
+
+
+def test_a_lost_index_file_costs_no_data(tmp_path: Path) -> None:
+    """A pack whose index file is gone but that holds needed blobs is re-indexed from
+    its own trailer, never deleted."""
+    from snapferry.engine.store.pack import decode_index_file
+
+    repo, content = _build(tmp_path, points=3)
+    names = [i.name for i in repo.backend.objects("index")]
+    victim = max(names, key=lambda n: sum(
+        len(e) for _p, e in decode_index_file(n, repo.backend.load("index", n))))
+    repo.backend.remove("index", victim)
+    assert not verify_repo(repo).ok  # blobs now missing from the index
+    rep = prune(repo)
+    assert rep.packs_reindexed >= 1 and rep.packs_deleted == 0, rep
+    _all_restore(repo, content, tmp_path)
