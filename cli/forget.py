@@ -12,9 +12,9 @@ _P = TypeVar("_P", bound=argparse.ArgumentParser)
 HELP = "remove restore points by id or by a --keep-* retention policy"
 
 
-def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
+def add_parser(sub: argparse._SubParsersAction[_P]) -> _P:
+    """The command's parser; the caller adds the global --repo and --json."""
     p = sub.add_parser("forget", help=HELP, description=HELP + " (docs/RETENTION.md).")
-    p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
     p.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
     p.add_argument("--keep-last", type=int, default=0, metavar="N",
                    help="keep the N newest points (-1: all)")
@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
     p.add_argument("--prune", action="store_true", help="run prune afterwards (same lock)")
     p.add_argument("--max-unused", type=float, default=None, metavar="PERCENT",
                    help="with --prune: repack packs more unused than this (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
+    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from snapferry.cli import forget, prune  # retention (issue 10)
 
-    forget.add_parser(sub)
-    prune.add_parser(sub)
+    for p in (forget.add_parser(sub), prune.add_parser(sub)):
+        _add_repo(p)
+        _add_json(p)
     vm = _vm_module()
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo (cli/vm.py)

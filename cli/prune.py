@@ -12,16 +12,16 @@ _P = TypeVar("_P", bound=argparse.ArgumentParser)
 HELP = "delete and repack packs no restore point needs; remove leftovers of killed backups"
 
 
-def add_parser(sub: argparse._SubParsersAction[_P]) -> None:
+def add_parser(sub: argparse._SubParsersAction[_P]) -> _P:
+    """The command's parser; the caller adds the global --repo and --json."""
     p = sub.add_parser("prune", help=HELP, description=HELP + " (docs/FORMAT.md, Deleters).")
-    p.add_argument("--repo", metavar="REPO", help="repository path (default: $SNAPFERRY_REPO)")
     p.add_argument("--dry-run", action="store_true", help="show what would be freed; no lock, "
                    "no change")
     p.add_argument("--max-unused", type=float, default=None, metavar="PERCENT",
                    help="repack packs whose unused share is above PERCENT (default 5; 100: "
                    "only delete wholly unused packs)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
+    return p
 
 
 def print_prune(r: PruneReport) -> None:
