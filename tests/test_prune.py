@@ -316,3 +316,17 @@ def test_a_lost_index_file_costs_no_data(tmp_path: Path) -> None:
     rep = prune(repo)
     assert rep.packs_reindexed >= 1 and rep.packs_deleted == 0, rep
     _all_restore(repo, content, tmp_path)
+
+
+def test_after_a_kill_past_repacking_the_next_prune_copies_nothing_again(
+    template: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    src, content = template
+    rp = tmp_path / "repo"
+    shutil.copytree(src, rp)
+    assert _run_prune(rp, "repacked").returncode == -9
+    repo = Repository.open(rp)
+    rep = prune(repo, max_unused=0)
+    # the new packs hold only needed blobs: their copies are kept, the old packs emptied
+    assert rep.blobs_copied == 0 and rep.packs_deleted > 0, rep
+    _all_restore(repo, content, tmp_path)

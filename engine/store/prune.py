@@ -322,14 +322,29 @@ def _choose(index: ChunkIndex, refs: KeyArray, present: dict[str, int],
     else:
         bad_or_damaged = bad
     rows = np.flatnonzero(member & ~bad)
-    # the first usable, preferably undamaged, copy of each id (table is sorted by id)
-    order = np.lexsort((bad_or_damaged[rows], lo[rows], hi[rows]))
-    rows = rows[order]
+    rh, rl, rdam = hi[rows], lo[rows], bad_or_damaged[rows]
     first = np.ones(len(rows), dtype=bool)
+
+    def pick(*prefer: np.ndarray) -> np.ndarray:
+        # per id (the table is sorted by id), the first copy by ``prefer`` keys
+        order = np.lexsort((*prefer, rdam, rl, rh))
+        out = np.zeros(n, dtype=bool)
+        out[rows[order][first]] = True
+        return out
+
     if len(rows):
-        first[1:] = (hi[rows][1:] != hi[rows][:-1]) | (lo[rows][1:] != lo[rows][:-1])
-    chosen = np.zeros(n, dtype=bool)
-    chosen[rows[first]] = True
+        first[1:] = (rh[1:] != rh[:-1]) | (rl[1:] != rl[:-1])
+    chosen = pick()
+    if len(rows) > int(first.sum()):
+        # duplicates (racing writers, a prune killed after repacking): keep the copy in
+        # the pack whose bytes are most needed, so the other packs empty out instead of
+        # both being repacked
+        pk = t["pack"].astype(np.int64)
+        used = np.bincount(pk[rows], weights=t["stored_len"][rows].astype(np.int64)
+                           + ENTRY_SIZE, minlength=len(index.packs))
+        size = np.array([max(present.get(p.hex(), 1), 1) for p in index.packs], dtype=float)
+        share = used / size
+        chosen = pick(-share[pk[rows]])
     covered = _sorted_unique(hi[chosen], lo[chosen])
     missing = ~_member(covered, refs[0], refs[1])
     return chosen, missing
