@@ -23,7 +23,16 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import cast
 
-from snapferry.cli import cmd_backup, cmd_info, cmd_init, cmd_list, cmd_restore, cmd_verify
+from snapferry.cli import (
+    cmd_backup,
+    cmd_forget,
+    cmd_info,
+    cmd_init,
+    cmd_list,
+    cmd_prune,
+    cmd_restore,
+    cmd_verify,
+)
 from snapferry.cli.common import (
     DEBUG_ENV,
     ENV_EPILOG,
@@ -112,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_list.add_parser(sub)
     cmd_verify.add_parser(sub)
     cmd_info.add_parser(sub)
+    cmd_forget.add_parser(sub)
+    cmd_prune.add_parser(sub)
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo
         for name, text in (("lab", LAB_EPILOG), ("demo", DEMO_EPILOG)):

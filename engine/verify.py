@@ -309,8 +309,21 @@ def verify_repo(
     if backup_id is None:
         report.leftovers = leftovers(repo, index, refs.by_id.keys(), packs_present)
         report.notes.extend(report.leftovers.notes())
+        _index_and_space(repo, index, packs_present, report)  # prune's view (issue 10)
     report.seconds = round(time.monotonic() - t0, 3)
     return report
+
+
+def _index_and_space(
+    repo: Repository, index: ChunkIndex, packs_present: dict[str, int], report: VerifyReport
+) -> None:
+    from snapferry.engine.store.prune import index_pack_problems, unreferenced_bytes
+
+    report.problems.extend(index_pack_problems(repo, index, packs_present))
+    unused = unreferenced_bytes(repo)
+    if unused:
+        report.notes.append(f"{unused} bytes are held by data no restore point uses "
+                            "(snapferry prune frees them)")
 
 
 def _record_damaged(repo: Repository, copies: list[tuple[str, int, bytes]]) -> int:
