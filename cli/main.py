@@ -29,6 +29,7 @@ VM_SCHEMES = ("qemu+unix", "vsphere")
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 FILE_DISK_NAME = "disk"
+DEFAULT_AUDIT_PERCENT = 1.0  # engine/planning.DEFAULT_AUDIT_PERCENT (not imported: fast --help)
 
 # snapferry does no linear algebra: keep OpenBLAS (loaded with numpy) from starting
 # busy-spinning threads in the CLI and in every worker process it spawns.
@@ -44,6 +45,19 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256K, 1M, 1MiB, 65536)")
     num, unit = int(m.group(1)), m.group(2).lower()
     return num << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[unit]
+
+
+def parse_percent(text: str) -> float:
+    """``1``, ``0.5``, ``5%`` → a percentage in [0, 100]."""
+    try:
+        v = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a percentage: {text!r} (e.g. 1, 0.5, 5%)"
+        ) from None
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 100")
+    return v
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disk.raw | nbd://HOST/EXPORT | nbd+unix:///EXPORT?socket=PATH | "
                         "qemu+unix:///QMP?agent=QGA | vsphere://USER@HOST/VM | lab")
     _add_repo(p)
-    p.add_argument("--name", help="name the restore points are filed under "
-                                  "(default: the file name / export name)")
+    p.add_argument("--name", help="name of the restore-point series (default: the "
+                                  "source's identity, HOST:/abs/path or the NBD URI)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="reader worker processes (default: one per CPU)")
     _add_json(p)
@@ -92,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", metavar="BACKUP_ID",
                    help="chain to this restore point (default: the latest of the same name)")
     p.add_argument("--mode", choices=("auto", "full", "incremental"), default="auto")
+    p.add_argument("--audit", type=parse_percent, default=DEFAULT_AUDIT_PERCENT,
+                   metavar="PERCENT",
+                   help="incrementals: re-read this share of the chunks the changed-block "
+                        "tracker calls clean and check them against the parent "
+                        f"(default {DEFAULT_AUDIT_PERCENT:g}; 0 turns the audit off)")
     p.add_argument("--quiesce", choices=("required", "preferred", "off"), default="preferred",
                    help="VM sources: guest freeze policy")
     p.add_argument("--retries", type=int, default=1, metavar="N",
@@ -229,6 +248,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UsageError("--workers must be >= 0")
     from snapferry.engine.backup import BackupOptions, run_backup
+    from snapferry.engine.planning import plan_plain_backup
     from snapferry.engine.sources import open_source
 
     repo = open_repo(args)
@@ -236,17 +256,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         src = open_source(args.source, bitmap=args.bitmap)
         try:
-            name = args.name or default_name(args.source, src.describe())
+            plan = plan_plain_backup(repo, src, name=args.name, bitmap=args.bitmap,
+                                     mode=args.mode, parent_id=args.parent)
+            for w in plan.warnings:
+                progress.note(f"warning: {w}")
             options = BackupOptions(
                 workers=args.workers,
                 verify=args.verify,
-                parent=args.parent,
+                parent=plan.parent.backup_id if plan.parent is not None else None,
                 progress=progress,
-                no_parent=args.mode == "full",
+                no_parent=plan.parent is None,
+                audit=args.audit,
+                identity=plan.identity,
             )
-            disk = plan_plain_disk(repo, name, src, args)
             consistency = "n/a" if kind == "file" else "crash"
-            result = run_backup(repo, name, [disk], options, consistency=consistency)
+            result = run_backup(repo, plan.name, [plan.disk], options, consistency=consistency)
         finally:
             progress.finish()  # clear the bar before any error line
             src.close()
@@ -260,38 +284,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 f"({d.chunks_new} new, {d.chunks_reused} reused chunks) in {result.seconds:.1f} s"
             )
     return 0
-
-
-def default_name(source: str, desc: dict[str, Any]) -> str:
-    if desc.get("kind") == "file":
-        return Path(source).name or "disk"
-    export = desc.get("export")
-    return str(export) if export else "nbd"
-
-
-def plan_plain_disk(repo: Any, name: str, src: Any, args: argparse.Namespace) -> Any:
-    """The ``DiskInput`` of a file or NBD backup: a dirty-bitmap incremental when
-    ``--bitmap`` is given and a parent exists, else a full read of allocated data."""
-    from snapferry.engine.backup import DiskInput
-
-    parent = None
-    if args.mode != "full":
-        parent = repo.load_manifest(args.parent) if args.parent else repo.latest(name)
-        if args.mode == "incremental" and parent is None:
-            raise UsageError(
-                f"--mode incremental needs an earlier restore point of {name!r}: "
-                "run a full backup first"
-            )
-    if args.bitmap is None:
-        return DiskInput(name=FILE_DISK_NAME, source=src)
-    tracking = {"bitmap": args.bitmap}
-    if parent is None or FILE_DISK_NAME not in parent.disk_names:
-        reason = None if parent is None and args.mode != "full" else "full backup asked for"
-        if parent is None and args.mode != "full":
-            reason = "no earlier restore point to chain to"
-        return DiskInput(name=FILE_DISK_NAME, source=src, tracking=tracking, full_reason=reason)
-    changed = [(e.offset, e.length) for e in src.extents(0, src.size, dirty=True) if e.dirty]
-    return DiskInput(name=FILE_DISK_NAME, source=src, changed=changed, tracking=tracking)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -333,6 +325,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     {
                         "backup_id": m.backup_id,
                         "vm": m.vm,
+                        "identity": m.identity,
                         "created": m.created,
                         "mode": m.mode,
                         "parent": m.parent,
@@ -352,11 +345,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not backups:
         print("no restore points")
         return 0
-    print(f"{'BACKUP_ID':24} {'NAME':20} {'MODE':12} {'CONSISTENCY':12} {'SIZE':>10}  CREATED")
+    w = max(4, *(len(m.vm) for m in backups))
+    print(f"{'BACKUP_ID':24} {'NAME':{w}} {'MODE':12} {'CONSISTENCY':12} {'SIZE':>10}  "
+          f"{'CREATED':27}  SOURCE")
     for m in backups:
+        source = m.identity if m.identity and m.identity != m.vm else "-" if not m.identity \
+            else "(= name)"
         print(
-            f"{m.backup_id:24} {m.vm[:20]:20} {m.mode:12} {m.consistency:12} "
-            f"{human_bytes(m.logical_bytes):>10}  {m.created}"
+            f"{m.backup_id:24} {m.vm:{w}} {m.mode:12} {m.consistency:12} "
+            f"{human_bytes(m.logical_bytes):>10}  {m.created:27}  {source}"
         )
     return 0
 

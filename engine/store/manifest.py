@@ -39,6 +39,7 @@ class DiskEntry:
     source: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     full_reason: str | None = None
+    cbt_audit: dict[str, int] | None = None  # {"sampled", "mismatched", "population"}
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class Manifest:
     disks: list[DiskEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     verified: Verified = "quick"
+    identity: str | None = None  # the source's identity (series check), e.g. HOST:/path
     format: int = MANIFEST_FORMAT
 
     def disk(self, name: str) -> DiskEntry:
