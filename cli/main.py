@@ -366,11 +366,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     progress = make_progress(args.json)
     report = verify_repo(repo, args.backup_id, read_data=args.read_data, progress=progress)
     progress.finish()
+    audits = _audit_history(repo, args.backup_id)
     if args.json:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), "cbt_audit": [h.to_json() for h in audits]})
         return 0 if report.ok else CorruptionError.exit_code
     for note in report.notes:
         print(f"note: {note}")
+    for h in audits:
+        print(h.summary())
     for problem in report.problems:
         print(f"problem: {problem}")
     what = "data and structure" if args.read_data else "structure"
@@ -384,6 +387,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     raise CorruptionError(
         f"verify found {len(report.problems)} problem(s); damaged restore points: {bad}"
     )
+
+
+def _audit_history(repo: Any, backup_id: str | None) -> list[Any]:
+    """The changed-block audit history of the series verified (of all without an id)."""
+    from snapferry.engine.planning import audit_history
+
+    vm = repo.load_manifest(backup_id).vm if backup_id else None
+    return audit_history(repo.list_backups(vm))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

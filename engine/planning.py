@@ -530,6 +530,52 @@ def miss_probability(population: int, sampled: int, missed: int) -> float:
     return p
 
 
+@dataclass
+class AuditHistory:
+    """The changed-block audits of one restore-point series, oldest first."""
+
+    series: str
+    audited: int = 0  # restore points with at least one audited disk
+    sampled: int = 0
+    mismatched: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)  # backup_id, disk, counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"series": self.series, "audited": self.audited, "sampled": self.sampled,
+                "mismatched": self.mismatched, "failures": self.failures}
+
+    def summary(self) -> str:
+        if not self.failures:
+            return (f"cbt audit {self.series}: {self.audited} restore point(s) audited, "
+                    f"{self.sampled} clean chunk(s) sampled, no mismatch")
+        bad = ", ".join(f"{f['backup_id']} ({f['disk']}: {f['mismatched']} of "
+                        f"{f['sampled']})" for f in self.failures)
+        return (f"cbt audit {self.series}: {self.audited} restore point(s) audited; the "
+                f"tracker missed writes in {len(self.failures)}: {bad} (each was read "
+                "fully)")
+
+
+def audit_history(manifests: Iterable[Manifest]) -> list[AuditHistory]:
+    """Per series (in first-seen order), what the audits of its restore points found."""
+    out: dict[str, AuditHistory] = {}
+    for m in manifests:
+        h = out.setdefault(m.vm, AuditHistory(m.vm))
+        seen = False
+        for d in m.disks:
+            a = getattr(d, "cbt_audit", None)
+            if not isinstance(a, dict):
+                continue
+            seen = True
+            h.sampled += int(a.get("sampled", 0))
+            bad = int(a.get("mismatched", 0))
+            h.mismatched += bad
+            if bad:
+                h.failures.append({"backup_id": m.backup_id, "disk": d.name,
+                                   "sampled": int(a.get("sampled", 0)), "mismatched": bad})
+        h.audited += seen
+    return [h for h in out.values() if h.audited]
+
+
 def full_read_runs(plan: AuditPlan, read: np.ndarray) -> list[Run]:
     """After a failed audit: every allocated chunk not read yet."""
     return mask_runs(plan.allocated & ~read)
@@ -538,6 +584,7 @@ def full_read_runs(plan: AuditPlan, read: np.ndarray) -> list[Run]:
 __all__ = [
     "DEFAULT_AUDIT_PERCENT",
     "PLAIN_DISK_NAME",
+    "AuditHistory",
     "AuditPlan",
     "DiskInput",
     "ParentChoice",
@@ -545,6 +592,7 @@ __all__ = [
     "SeriesRequest",
     "allocated_mask",
     "allocated_ranges",
+    "audit_history",
     "chains",
     "check_incremental",
     "choose_parent",

@@ -146,6 +146,15 @@ def test_lying_tracker_is_caught_and_the_disk_read_fully(
     assert again["mode"] == "incremental" and again["parent"] == nxt["backup_id"]
     assert again["disks"][0]["cbt_audit"]["mismatched"] == 0
 
+    # verify reports the series' audit history: one restore point caught a lying tracker
+    v = run_cli("verify", "--repo", repo, "--json")
+    assert v.returncode == 0, v.stderr
+    (hist,) = json.loads(v.stdout)["cbt_audit"]
+    assert hist["series"] == "d" and hist["audited"] == 2  # inc and again (fulls: none)
+    assert [f["backup_id"] for f in hist["failures"]] == [inc["backup_id"]]
+    human = run_cli("verify", "--repo", repo)
+    assert f"tracker missed writes in 1: {inc['backup_id']} (disk: " in human.stdout
+
 
 @requires("qemu-nbd", "qemu-img", "qemu-io")
 def test_honest_tracker_gives_no_false_alarm(
