@@ -195,8 +195,15 @@ def test_missed_write_next_to_a_dirty_run_is_caught_at_a_tiny_rate(
     qemu_io(img, "qcow2", writes([200], 0x33))
     write_behind_trackers_back(img, [201])
     srv = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0", socket=srv.socket)
-    inc = backup(repo, srv, "--audit", "0.01")
-    (d,) = inc["disks"]
+    p = run_cli("backup", srv.uri, "--repo", repo, "--name", "d", "--bitmap", "b0",
+                "--audit", "0.01")  # human output: the warning is one line on stderr
+    assert p.returncode == 0, p.stderr
+    (line,) = p.stderr.splitlines()
+    assert line.startswith("snapferry: warning: disk disk: changed-block audit: 1 of ")
+    assert line.endswith("the tracker missed writes; reading the whole disk")
+    inc = json.loads(run_cli("list", "--repo", repo, "--json").stdout)["backups"][-1]
+    (d,) = json.loads((next(repo.glob(f"backups/*/{inc['backup_id']}/manifest.json"))
+                       ).read_text())["disks"]
     assert d["cbt_audit"]["sampled"] <= 3  # 1 uniform + the 2 neighbours of chunk 200
     assert d["cbt_audit"]["mismatched"] == 1
     assert d["bytes_read"] == SIZE
