@@ -317,7 +317,8 @@ class BackupSession:
             )
             read = runs_mask(st.runs, len(st.index))
             rest = full_read_runs(plan, read)
-            st.index.ids[~plan.allocated[: len(st.index)] & ~read] = 0  # holes now
+            holes = np.flatnonzero(~plan.allocated[: len(st.index)] & ~read)  # holes now
+            st.index.set_many(holes, np.zeros((holes.size, 16), dtype=np.uint8))
             st.input.full_reason = (
                 f"changed-block audit: {bad} of {plan.sampled} sampled clean chunk(s) "
                 "differed from the parent (the tracker missed writes): full read"

@@ -454,8 +454,15 @@ class AuditPlan:
     def mismatched(self, index: DiskIndex) -> int:
         if self.chunks.size == 0:
             return 0
-        got = index.ids[self.chunks]
+        got = _ids_of(index, self.chunks)
         return int(np.count_nonzero((got != self.expected).any(axis=1)))
+
+
+def _ids_of(index: DiskIndex, chunks: np.ndarray) -> np.ndarray:
+    """The ids of ``chunks`` as a (k, 16) array, through ``get`` (an index may be paged:
+    a sample should not build the whole disk's id array)."""
+    raw = b"".join(index.get(int(c)) for c in chunks)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
 
 
 def allocated_mask(source: DiskSource, chunk_size: int) -> np.ndarray:
@@ -490,7 +497,7 @@ def plan_audit(
     rng = rng or random.Random()
     empty = np.zeros(0, dtype=np.int64)
     if percent <= 0 or population == 0:
-        return AuditPlan(empty, parent_index.ids[empty], allocated, 0, 0, population)
+        return AuditPlan(empty, _ids_of(parent_index, empty), allocated, 0, 0, population)
     want = min(population, math.ceil(population * min(percent, 100.0) / 100.0))
     cand = np.flatnonzero(pop_mask)
     uniform = np.sort(np.array(rng.sample(range(cand.size), want), dtype=np.int64))
@@ -508,7 +515,7 @@ def plan_audit(
     chunks = np.unique(np.concatenate([picked, np.array(near_list, dtype=np.int64)]))
     return AuditPlan(
         chunks=chunks,
-        expected=parent_index.ids[chunks].copy(),
+        expected=_ids_of(parent_index, chunks),
         allocated=allocated,
         uniform=int(picked.size),
         neighbours=len(near_list),
