@@ -9,11 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from coordvm import check_restore_point, make_hv, new_repo, vm_work_dir, write_known
+from coordvm import (  # LabVm through coordvm: wherever the lab package keeps it
+    LabVm,
+    check_restore_point,
+    make_hv,
+    new_repo,
+    vm_work_dir,
+    write_known,
+)
 from labvm import assert_vm_clean, bitmaps, control, lab_vm
 
 from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
-from snapferry.engine.qemu.lab import LabVm
 from snapferry.engine.store.repo import Repository
 
 pytestmark = pytest.mark.vm
