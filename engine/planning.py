@@ -77,8 +77,9 @@ def source_identity(desc: dict[str, Any]) -> str:
     ``HOST:`` when the address only means something on this host (unix socket, vsock,
     loopback)."""
     kind = desc.get("kind")
-    if kind == "file":
-        return f"{host_name()}:{desc['path']}"
+    path = desc.get("path")
+    if kind in ("file", "image") and isinstance(path, str) and path:
+        return f"{host_name()}:{path}"  # an image of any format: its file is its identity
     uri = desc.get("uri")
     if isinstance(uri, str) and uri:
         return f"{host_name()}:{uri}" if _host_local(uri) else uri

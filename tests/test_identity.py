@@ -133,6 +133,8 @@ def test_nbd_export_resized_within_its_series_is_full(tmp_path: Path, repo: Path
 def test_identity_forms() -> None:
     host = socket.gethostname()
     assert source_identity({"kind": "file", "path": "/v/d.raw"}) == f"{host}:/v/d.raw"
+    assert source_identity({"kind": "image", "path": "/v/d.qcow2", "format": "qcow2"}) == (
+        f"{host}:/v/d.qcow2")
     assert source_identity({"kind": "nbd", "uri": "nbd://backup.example:10809/d"}) == (
         "nbd://backup.example:10809/d")
     for local in ("nbd://localhost/d", "nbd://127.0.0.1:10809/d", "nbd://[::1]/d",
