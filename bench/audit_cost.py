@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,20 +79,26 @@ def main() -> None:
             order = RATES[n % 3:] + RATES[: n % 3]
             for rate in order:
                 t0 = time.monotonic()
+                ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 res = cli("backup", srv.uri, "--repo", str(repo), "--name", "d",
                           "--bitmap", "b0", "--audit", f"{rate:g}")
                 res["wall"] = time.monotonic() - t0
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # CLI + its workers
+                res["cpu"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
                 rows[rate].append(res)
     print(f"image {a.size_mib} MiB, {len(picks)} of {blocks} 64 KiB blocks rewritten; "
           f"full backup {full_s:.2f} s, read {int(full['bytes_read']) >> 20} MiB")
-    print("audit  wall s (median)  copy s (median)  MiB read  sampled  population  mismatched")
+    print("audit  wall s (median)  copy s (median)  cpu s (median)  MiB read  sampled  "
+          "population  mismatched")
     for rate in RATES:
         rs = rows[rate]
         wall = statistics.median(float(r["wall"]) for r in rs)  # type: ignore[arg-type]
         copy = statistics.median(float(r["copy_seconds"]) for r in rs)  # type: ignore[arg-type]
+        cpu = statistics.median(float(r["cpu"]) for r in rs)  # type: ignore[arg-type]
         d = rs[-1]["disks"][0]  # type: ignore[index]
         au = d["cbt_audit"] or {"sampled": 0, "population": 0, "mismatched": 0}
-        print(f"{rate:4g} %  {wall:14.2f}  {copy:15.2f}  {d['bytes_read'] / 2**20:8.1f}  "
+        print(f"{rate:4g} %  {wall:14.2f}  {copy:15.2f}  {cpu:14.2f}  "
+              f"{d['bytes_read'] / 2**20:8.1f}  "
               f"{au['sampled']:7d}  {au['population']:10d}  {au['mismatched']:10d}")
     pop = max(int((r["disks"][0]["cbt_audit"] or {}).get("population", 0))  # type: ignore[index]
               for rs in rows.values() for r in rs)

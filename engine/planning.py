@@ -133,8 +133,7 @@ def choose_parent(repo: Repository, req: SeriesRequest) -> ParentChoice:
         return ParentChoice(None)
     if req.parent_id is not None:
         parent: Manifest | None = repo.load_manifest(req.parent_id)
-        assert parent is not None
-        if parent.vm != req.name:
+        if parent is not None and parent.vm != req.name:
             raise UsageError(
                 f"--parent {req.parent_id} is a restore point of {parent.vm!r}, not {req.name!r}"
             )
@@ -161,11 +160,8 @@ def choose_parent(repo: Repository, req: SeriesRequest) -> ParentChoice:
 def manifest_identity(m: Manifest) -> str | None:
     """The source identity a restore point recorded (None for restore points made
     before identities were recorded)."""
-    ident = getattr(m, "identity", None)
-    if isinstance(ident, str) and ident:
-        return ident
-    ex = m.extra.get("identity") if isinstance(m.extra, dict) else None
-    return ex if isinstance(ex, str) and ex else None
+    ident = m.identity
+    return ident if isinstance(ident, str) and ident else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +171,7 @@ def manifest_identity(m: Manifest) -> str | None:
 
 def audit_failed(entry: DiskEntry) -> int:
     """How many audited chunks of this parent disk differed (0: none or no audit)."""
-    a = getattr(entry, "cbt_audit", None)
+    a = entry.cbt_audit
     if isinstance(a, dict):
         n = a.get("mismatched", 0)
         return n if isinstance(n, int) and not isinstance(n, bool) else 0
@@ -570,7 +566,7 @@ def audit_history(manifests: Iterable[Manifest]) -> list[AuditHistory]:
         h = out.setdefault(m.vm, AuditHistory(m.vm))
         seen = False
         for d in m.disks:
-            a = getattr(d, "cbt_audit", None)
+            a = d.cbt_audit
             if not isinstance(a, dict):
                 continue
             seen = True
