@@ -126,9 +126,10 @@ class ParentChoice:
 
 def choose_parent(repo: Repository, req: SeriesRequest) -> ParentChoice:
     """``--mode full``: none. ``--parent ID``: that restore point (it must belong to the
-    series). Else the latest of the series. A parent whose recorded identity differs from
-    ``req.identity`` is dropped with a warning (the source changed within the series);
-    ``--mode incremental`` without a usable parent is refused."""
+    series; another identity is warned about but taken: the operator named it). Else the
+    latest of the series, dropped with a warning when its recorded identity differs from
+    ``req.identity`` (the source changed within the series). ``--mode incremental``
+    without a usable parent is refused."""
     if req.mode == "full":
         return ParentChoice(None)
     if req.parent_id is not None:
@@ -143,11 +144,19 @@ def choose_parent(repo: Repository, req: SeriesRequest) -> ParentChoice:
     if parent is not None and req.identity is not None:
         before = manifest_identity(parent)
         if before is not None and before != req.identity:
-            warnings.append(
-                f"the source of {req.name!r} changed (was {before}, now {req.identity}): "
-                "full backup"
-            )
-            parent = None
+            if req.parent_id is not None:
+                # asked for by id: the operator vouches that it is the same disk (two
+                # exports of one disk, a moved image); said, and done
+                warnings.append(
+                    f"--parent {req.parent_id} was made from another source ({before}, "
+                    f"now {req.identity}): chaining to it as asked"
+                )
+            else:
+                warnings.append(
+                    f"the source of {req.name!r} changed (was {before}, now "
+                    f"{req.identity}): full backup"
+                )
+                parent = None
     if req.mode == "incremental" and parent is None:
         why = f" ({warnings[0]})" if warnings else ""
         raise UsageError(

@@ -64,6 +64,11 @@ def test_explicit_parent_must_be_of_the_series(repo: Repository, tmp_path: Path)
     assert choose_parent(repo, SeriesRequest("s", "h:/a", parent_id=a)).parent is not None
     with pytest.raises(UsageError, match="is a restore point of 's', not 't'"):
         choose_parent(repo, SeriesRequest("t", "h:/t", parent_id=a))
+    # named by id from another source (two exports of one disk): taken, and said
+    other = choose_parent(repo, SeriesRequest("s", "h:/a2", parent_id=a))
+    assert other.parent is not None and other.parent.backup_id == a
+    assert other.warnings == [f"--parent {a} was made from another source (h:/a, now "
+                              "h:/a2): chaining to it as asked"]
 
 
 def test_restore_points_without_an_identity_still_chain(
