@@ -30,11 +30,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from nbdservers import NbdServers, qemu_io
-from vddkstub import StubEnv, vddk_libdir, vddk_stub_env  # noqa: F401 (fixtures)
 
 from snapferry.engine.backup import BackupOptions, run_backup
 from snapferry.engine.errors import SourceError
@@ -42,6 +41,11 @@ from snapferry.engine.restore import restore
 from snapferry.engine.source import DiskSource, SourceSpec
 from snapferry.engine.store.repo import Repository
 from snapferry.native import libnbd
+
+if TYPE_CHECKING:  # loaded as a plugin (importing it here too upsets pytest)
+    from vddkstub import StubEnv
+
+pytest_plugins = ["vddkstub"]  # the stand-in VDDK fixtures
 
 K = 1024
 M = 1024 * K
