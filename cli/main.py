@@ -271,6 +271,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             )
             consistency = "n/a" if kind == "file" else "crash"
             result = run_backup(repo, plan.name, [plan.disk], options, consistency=consistency)
+            result.warnings[:0] = plan.warnings
         finally:
             progress.finish()  # clear the bar before any error line
             src.close()

@@ -113,6 +113,7 @@ class BackupResult:
     copy_seconds: float = 0.0
     verify_seconds: float = 0.0
     worker_peak_rss_kib: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said during the backup (audit)
 
     @property
     def bytes_read(self) -> int:
@@ -183,6 +184,7 @@ class BackupSession:
         self._verify_seconds = 0.0
         self._workers = 0
         self._rss: list[int] = []
+        self.warnings: list[str] = []
         self._locks = contextlib.ExitStack()
         self._locks.enter_context(repo.lock("backup"))
         try:
@@ -310,11 +312,11 @@ class BackupSession:
                                "population": plan.population}
             if not bad:
                 continue
-            self.progress.note(
-                f"warning: disk {st.input.name}: changed-block audit: {bad} of {plan.sampled} "
-                "sampled clean chunk(s) differ from the parent: the tracker missed writes; "
-                "reading the whole disk"
-            )
+            msg = (f"disk {st.input.name}: changed-block audit: {bad} of {plan.sampled} "
+                   "sampled clean chunk(s) differ from the parent: the tracker missed writes; "
+                   "reading the whole disk")
+            self.warnings.append(msg)
+            self.progress.note(f"warning: {msg}")
             read = runs_mask(st.runs, len(st.index))
             rest = full_read_runs(plan, read)
             holes = np.flatnonzero(~plan.allocated[: len(st.index)] & ~read)  # holes now
@@ -493,6 +495,7 @@ class BackupSession:
             copy_seconds=round(self._copy_seconds, 3),
             verify_seconds=round(self._verify_seconds, 3),
             worker_peak_rss_kib=self._rss,
+            warnings=list(self.warnings),
         )
 
     def abort(self) -> None:

@@ -263,6 +263,7 @@ def _one_attempt(
             )
             t0 = time.monotonic()
             session.copy(disks)
+            warnings.extend(session.warnings)  # already shown (the CBT audit)
             mark("copy", t0)
             _test_fault("copy")
             t0 = time.monotonic()

@@ -126,6 +126,8 @@ def test_lying_tracker_is_caught_and_the_disk_read_fully(
     assert audit["sampled"] >= 153
     assert 1 <= audit["mismatched"] <= len(missed)
     assert "audit" in (d["full_reason"] or "")
+    (warning,) = inc["warnings"]
+    assert warning.startswith(f"disk disk: changed-block audit: {audit['mismatched']} of ")
     # the backup turned itself into a full read of the disk ...
     assert d["bytes_read"] == SIZE
     # ... storing only what really changed (dedup): the recorded and the missed chunks

@@ -73,8 +73,11 @@ def test_named_series_with_another_source_is_full_with_a_warning(
         "full backup"
     ]
     assert p.stdout.startswith("full backup ")
+    j, _ = backup(repo, a, "--name", "web")  # and back: the warning is in the JSON too
+    assert j["warnings"] == [f"the source of 'web' changed (was {host}:{b}, now {host}:{a}): "
+                             "full backup"]
     lst = json.loads(run_cli("list", "--repo", repo, "--json").stdout)["backups"]
-    assert [x["identity"] for x in lst] == [f"{host}:{a}", f"{host}:{b}"]
+    assert [x["identity"] for x in lst] == [f"{host}:{a}", f"{host}:{b}", f"{host}:{a}"]
     assert all(x["vm"] == "web" and x["parent"] is None for x in lst)
     out = run_cli("list", "--repo", repo).stdout
     assert f"{host}:{a}" in out and f"{host}:{b}" in out
