@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from nbdservers import NbdServer, NbdServers, qemu_io, requires
 
 from snapferry.engine.planning import miss_probability, plan_audit
@@ -257,3 +257,35 @@ def test_miss_probability() -> None:
     assert miss_probability(100, 1, 1) == pytest.approx(0.99)
     # hypergeometric: C(N-k, n)/C(N, n) with N=10, n=5, k=2 -> C(8,5)/C(10,5) = 56/252
     assert miss_probability(10, 5, 2) == pytest.approx(56 / 252)
+
+
+@requires("qemu-nbd", "qemu-img", "qemu-io")
+def test_worker_killed_during_the_fallback_full_read_leaves_no_restore_point(
+    tmp_path: Path, servers: NbdServers, repo: Path
+) -> None:
+    """A reader killed while a failed audit reads the rest of the disk: the backup is
+    rolled back like any copy (one line, no restore point); the next one catches the
+    lie again and is right."""
+
+    img = random_qcow2(tmp_path)
+    srv = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0")
+    backup(repo, srv)
+    srv.stop()
+    qemu_io(img, "qcow2", writes(RECORDED, 0x11))
+    write_behind_trackers_back(img, list(range(400, 464)))  # 64 chunks lost
+    srv = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0", socket=srv.socket)
+    # one worker; the first pass reads 4 dirty + ~153..310 audited chunks, the full read
+    # the remaining ~200+: killed at chunk 350, inside the full read
+    env = cli_env(SNAPFERRY_TEST_KILL_WORKER_AFTER="350")
+    p = run_cli("backup", srv.uri, "--repo", repo, "--name", "d", "--bitmap", "b0",
+                "--audit", "30", "--workers", "1", env=env)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    warning, error = p.stderr.splitlines()  # the audit's warning, then the one error
+    assert "changed-block audit" in warning and "reading the whole disk" in warning
+    assert error.startswith("snapferry: reader worker ") and "nothing was committed" in error
+    before = json.loads(run_cli("list", "--repo", repo, "--json").stdout)["backups"]
+    assert len(before) == 1  # only the full
+    inc = backup(repo, srv, "--audit", "30")
+    assert inc["disks"][0]["cbt_audit"]["mismatched"] >= 1
+    assert restored(repo, inc["backup_id"], tmp_path / "inc.raw") == disk_bytes(
+        img, tmp_path / "want.raw")
