@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from snapferry.cli.common import epilog, non_negative_int, open_repo, sigterm_as_interrupt
+from snapferry.cli.common import (
+    DEFAULT_AUDIT_PERCENT,
+    epilog,
+    non_negative_int,
+    open_repo,
+    parse_percent,
+    sigterm_as_interrupt,
+)
 from snapferry.cli.output import emit_json, human_bytes, make_progress
 from snapferry.engine.errors import UsageError
 
@@ -47,7 +53,8 @@ def add_parser(
     p.add_argument("source", metavar="SOURCE",
                    help="what to back up: an image, a device, an NBD URI or a VM (below)")
     p.add_argument("--name", help="the series the restore points are filed under "
-                                  "(default: the file or export name; the VM's name)")
+                                  "(default: the source's identity, HOST:/abs/path or the "
+                                  "NBD URI; a VM's name)")
     p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
                    help="reader worker processes (default: 0, one per CPU)")
     p.add_argument("--verify", choices=("full", "quick"), default="full",
@@ -62,6 +69,11 @@ def add_parser(
     p.add_argument("--mode", choices=("auto", "full", "incremental"), default="auto",
                    help="auto: incremental when possible; full: read everything; "
                         "incremental: fail if it cannot be one")
+    p.add_argument("--audit", type=parse_percent, default=DEFAULT_AUDIT_PERCENT,
+                   metavar="PERCENT",
+                   help="incrementals: re-read this share of the chunks the changed-block "
+                        "tracker calls clean and check them against the parent (default: "
+                        "%(default)s; 0 turns the audit off)")
     p.add_argument("--quiesce", choices=("required", "preferred", "off"), default="preferred",
                    help="VM sources: guest filesystem freeze policy")
     p.add_argument("--retries", type=non_negative_int, default=1, metavar="N",
@@ -155,56 +167,26 @@ def summary(result: Any, desc: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------
-# Planning of a plain (file / NBD) backup. Moved verbatim from cli/main.py; the plan
-# branch (issue 8 part 3) moves it into snapferry.engine.planning: at merge, replace
-# backup_plain's body with its call and delete default_name/plan_plain_disk below.
-# ---------------------------------------------------------------------------------------
-
-
 def backup_plain(repo: Any, args: argparse.Namespace, src: Any, kind: str, progress: Any) -> Any:
+    """A file, image or NBD backup: engine/planning.py picks the series, the parent and
+    full vs incremental; the CLI only passes the user's words on."""
     from snapferry.engine.backup import BackupOptions, run_backup
+    from snapferry.engine.planning import plan_plain_backup
 
-    name = args.name or default_name(args.source, src.describe())
+    plan = plan_plain_backup(repo, src, name=args.name, bitmap=args.bitmap,
+                             mode=args.mode, parent_id=args.parent)
+    for w in plan.warnings:
+        progress.note(f"warning: {w}")
     options = BackupOptions(
         workers=args.workers,
         verify=args.verify,
-        parent=args.parent,
+        parent=plan.parent.backup_id if plan.parent is not None else None,
         progress=progress,
-        no_parent=args.mode == "full",
+        no_parent=plan.parent is None,
+        audit=args.audit,
+        identity=plan.identity,
     )
-    disk = plan_plain_disk(repo, name, src, args)
     consistency = "n/a" if kind == "file" else "crash"
-    return run_backup(repo, name, [disk], options, consistency=consistency)
-
-
-def default_name(source: str, desc: dict[str, Any]) -> str:
-    if desc.get("kind") in ("file", "image"):
-        return Path(source).name or "disk"
-    export = desc.get("export")
-    return str(export) if export else "nbd"
-
-
-def plan_plain_disk(repo: Any, name: str, src: Any, args: argparse.Namespace) -> Any:
-    """The ``DiskInput`` of a file or NBD backup: a dirty-bitmap incremental when
-    ``--bitmap`` is given and a parent exists, else a full read of allocated data."""
-    from snapferry.engine.backup import DiskInput
-
-    parent = None
-    if args.mode != "full":
-        parent = repo.load_manifest(args.parent) if args.parent else repo.latest(name)
-        if args.mode == "incremental" and parent is None:
-            raise UsageError(
-                f"--mode incremental needs an earlier restore point of {name!r}: "
-                "run a full backup first"
-            )
-    if args.bitmap is None:
-        return DiskInput(name=FILE_DISK_NAME, source=src)
-    tracking = {"bitmap": args.bitmap}
-    if parent is None or FILE_DISK_NAME not in parent.disk_names:
-        reason = None if parent is None and args.mode != "full" else "full backup asked for"
-        if parent is None and args.mode != "full":
-            reason = "no earlier restore point to chain to"
-        return DiskInput(name=FILE_DISK_NAME, source=src, tracking=tracking, full_reason=reason)
-    changed = [(e.offset, e.length) for e in src.extents(0, src.size, dirty=True) if e.dirty]
-    return DiskInput(name=FILE_DISK_NAME, source=src, changed=changed, tracking=tracking)
+    result = run_backup(repo, plan.name, [plan.disk], options, consistency=consistency)
+    result.warnings[:0] = plan.warnings
+    return result

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         max_unused=DEFAULT_MAX_UNUSED if args.max_unused is None else args.max_unused,
     )
     if args.json:
-        emit_json(res.to_json())
+        emit_json({"repository": repo.backend.location, **res.to_json()})
         return 0
     verb = "would remove" if args.dry_run else "removed"
     print(f"policy: {res.policy}")

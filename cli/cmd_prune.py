@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     rep = prune(repo, dry_run=args.dry_run,
                 max_unused=DEFAULT_MAX_UNUSED if args.max_unused is None else args.max_unused)
     if args.json:
-        emit_json(rep.to_json())
+        emit_json({"repository": repo.backend.location, **rep.to_json()})
         return 0
     print_prune(rep)
     return 0

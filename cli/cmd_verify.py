@@ -38,11 +38,17 @@ def run(args: argparse.Namespace) -> int:
         report = verify_repo(repo, bid, read_data=args.read_data, progress=progress)
     finally:
         progress.finish()
+    from snapferry.engine.planning import audit_history
+
+    vm = repo.load_manifest(bid).vm if bid else None
+    audits = audit_history(repo.list_backups(vm))  # the series verified, or all
     if args.json:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), "cbt_audit": [h.to_json() for h in audits]})
         return 0 if report.ok else CorruptionError.exit_code
     for note in report.notes:
         print(f"note: {note}")
+    for h in audits:
+        print(h.summary())
     for problem in report.problems:
         print(f"problem: {problem}")
     what = (f"data and structure, {human_bytes(report.bytes_read)} read" if args.read_data

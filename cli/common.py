@@ -27,6 +27,7 @@ PROG = "snapferry"
 REPO_ENV = "SNAPFERRY_REPO"
 DEBUG_ENV = "SNAPFERRY_DEBUG"
 S3_ENDPOINT_ENV = "SNAPFERRY_S3_ENDPOINT"
+DEFAULT_AUDIT_PERCENT = 1.0  # = engine/planning.DEFAULT_AUDIT_PERCENT (not imported: fast --help)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -225,3 +226,16 @@ def epilog(examples: str, *more: str) -> str:
     parts = ["examples:\n" + examples.strip("\n")]
     parts.extend(m.strip("\n") for m in more)
     return "\n\n".join(parts)
+
+
+def parse_percent(text: str) -> float:
+    """``1``, ``0.5``, ``5%`` → a percentage in [0, 100]."""
+    try:
+        v = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a percentage: {text!r} (e.g. 1, 0.5, 5%)"
+        ) from None
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 100")
+    return v

@@ -27,6 +27,7 @@ def disk_doc(d: DiskEntry) -> dict[str, Any]:
         "bytes_read": d.bytes_read,
         "bytes_stored": d.bytes_stored,
         "full_reason": d.full_reason,
+        "cbt_audit": d.cbt_audit,
         "source": d.source,
         "tracking": d.tracking,
     }
@@ -55,9 +56,9 @@ def restore_point_doc(m: Manifest) -> dict[str, Any]:
     return {
         "backup_id": m.backup_id,
         "vm": m.vm,
-        # the series' source identity (HOST:/abs/path, NBD URI, VM id) once manifests
-        # record it (the plan branch adds Manifest.identity); null before
-        "identity": getattr(m, "identity", None),
+        # the series' source identity (HOST:/abs/path, NBD URI, VM id); null in
+        # restore points made before it was recorded
+        "identity": m.identity,
         "created": m.created,
         "mode": m.mode,
         "parent": m.parent,
@@ -84,8 +85,8 @@ def source_text(m: Manifest) -> str:
     """What a restore point was made from, for a table: its recorded identity, else the
     VM's disk image (a VM's disks are read through a temporary NBD export whose URI
     means nothing later), else the path or URI of its first disk's source."""
-    identity = getattr(m, "identity", None)
-    if isinstance(identity, str) and identity:
+    identity = m.identity
+    if identity:
         return identity
     files = [str(d.tracking["file"]) for d in m.disks if d.tracking.get("file")]
     if files:

@@ -49,6 +49,7 @@ def backup_vm(args: argparse.Namespace) -> int:
                 verify=args.verify,
                 parent=args.parent,
                 progress=progress,
+                audit=getattr(args, "audit", 0.0),
             ),
         )
     finally:

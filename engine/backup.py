@@ -26,15 +26,38 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import resource
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from snapferry.engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
+from snapferry.engine.planning import (
+    AuditPlan,
+    SeriesRequest,
+    allocated_mask,
+    choose_parent,
+    full_read_runs,
+    mask_runs,
+    plan_audit,
+    plan_full,
+    plan_incremental,
+    run_bytes,
+    runs_mask,
+)
+from snapferry.engine.planning import (
+    DiskInput as DiskInput,
+)
+from snapferry.engine.planning import (
+    allocated_ranges as allocated_ranges,
+)
+from snapferry.engine.planning import (
+    merge_runs as merge_runs,
+)
 from snapferry.engine.pool import (
     BatchResult,
     Copy,
@@ -47,7 +70,6 @@ from snapferry.engine.pool import (
     make_items,
 )
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.source import DiskSource
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import DiskEntry, Manifest
 from snapferry.engine.store.pack import WrittenObjects
@@ -58,18 +80,6 @@ INTERRUPTED = "interrupted: backup rolled back, no restore point written"
 
 
 @dataclass
-class DiskInput:
-    """One disk to back up (``snapferry.engine.hypervisor.DiskPlan`` has the same fields)."""
-
-    name: str
-    source: DiskSource
-    changed: list[tuple[int, int]] | None = None  # None: full (allocated non-zero extents)
-    tracking: dict[str, Any] = field(default_factory=dict)
-    full_reason: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class BackupOptions:
     workers: int = 0  # 0: one per CPU
     verify: VerifyLevel = "full"
@@ -77,6 +87,9 @@ class BackupOptions:
     progress: Progress = field(default_factory=NullProgress)
     no_parent: bool = False  # True: a full backup with no parent whatever exists
     item_bytes: int = 8 << 20  # bytes per work item handed to a worker
+    audit: float = 0.0  # percent of clean chunks of incremental disks to re-read (CBT audit)
+    audit_seed: int | None = None  # seed of the audit's sample (None: random)
+    identity: str | None = None  # the source's identity, recorded in the manifest
 
 
 @dataclass
@@ -90,6 +103,7 @@ class DiskResult:
     full_reason: str | None = None
     chunks: int = 0
     zero_chunks: int = 0
+    cbt_audit: dict[str, int] | None = None
 
 
 @dataclass
@@ -107,6 +121,7 @@ class BackupResult:
     verify_seconds: float = 0.0
     worker_peak_rss_kib: list[int] = field(default_factory=list)
     parent_peak_rss_kib: int = 0
+    warnings: list[str] = field(default_factory=list)  # said during the backup (audit)
 
     @property
     def bytes_read(self) -> int:
@@ -134,6 +149,8 @@ class _DiskState:
     bytes_stored: int = 0
     chunks_new: int = 0
     chunks_reused: int = 0
+    audit: AuditPlan | None = None
+    audit_result: dict[str, int] | None = None
 
     def result(self) -> DiskResult:
         return DiskResult(
@@ -146,53 +163,8 @@ class _DiskState:
             full_reason=self.input.full_reason,
             chunks=len(self.index),
             zero_chunks=self.index.zero_count(),
+            cbt_audit=self.audit_result,
         )
-
-
-# ---------------------------------------------------------------------------------------
-# extent arithmetic
-# ---------------------------------------------------------------------------------------
-
-
-def merge_runs(ranges: Iterable[tuple[int, int]], chunk_size: int, size: int) -> list[Run]:
-    """Byte ranges ``(offset, length)`` → sorted, merged chunk runs ``(first, count)``,
-    rounded out to whole chunks and clipped to a disk of ``size`` bytes."""
-    n_chunks = -(-size // chunk_size)
-    spans: list[tuple[int, int]] = []
-    for off, length in ranges:
-        if length <= 0:
-            continue
-        if off < 0:
-            raise SnapferryError(f"changed range at negative offset {off}")
-        first = off // chunk_size
-        last = min(-(-(off + length) // chunk_size), n_chunks)
-        if first < last:
-            spans.append((first, last))
-    spans.sort()
-    runs: list[Run] = []
-    for first, last in spans:
-        if runs and first <= runs[-1][0] + runs[-1][1]:
-            f0, c0 = runs[-1]
-            runs[-1] = (f0, max(c0, last - f0))
-        else:
-            runs.append((first, last - first))
-    return runs
-
-
-def allocated_ranges(source: DiskSource, offset: int, length: int) -> Iterator[tuple[int, int]]:
-    """Byte ranges of ``source`` in ``[offset, offset+length)`` that are not known zero."""
-    if length <= 0:
-        return
-    for e in source.extents(offset, length, dirty=False):
-        if not e.zero:
-            yield (e.offset, e.length)
-
-
-def run_bytes(runs: list[Run], chunk_size: int, size: int) -> int:
-    total = 0
-    for first, count in runs:
-        total += min((first + count) * chunk_size, size) - first * chunk_size
-    return total
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,6 +192,7 @@ class BackupSession:
         self._verify_seconds = 0.0
         self._workers = 0
         self._rss: list[int] = []
+        self.warnings: list[str] = []
         self._locks = contextlib.ExitStack()
         self._locks.enter_context(repo.lock("backup"))
         try:
@@ -233,16 +206,8 @@ class BackupSession:
 
     def _resolve_parent(self) -> Manifest | None:
         o = self.options
-        if o.no_parent:
-            return None
-        if o.parent is not None:
-            m = self.repo.load_manifest(o.parent)
-            if m.vm != self.vm:
-                raise UsageError(
-                    f"--parent {o.parent} is a restore point of {m.vm!r}, not {self.vm!r}"
-                )
-            return m
-        return self.repo.latest(self.vm)
+        req = SeriesRequest(self.vm, None, "full" if o.no_parent else "auto", o.parent)
+        return choose_parent(self.repo, req).parent
 
     @property
     def mode(self) -> str:
@@ -269,26 +234,28 @@ class BackupSession:
         self._state = "copied"
 
     def _plan(self, no: int, d: DiskInput) -> _DiskState:
-        cs = self.repo.chunk_size
         size = d.source.size
         if d.changed is None:
-            index = DiskIndex.empty(size, cs, page_entries=self.repo.page_entries)
-            runs = merge_runs(allocated_ranges(d.source, 0, size), cs, size)
+            index, runs = plan_full(
+                d.source, self.repo.chunk_size, page_entries=self.repo.page_entries
+            )
             return _DiskState(no, d, size, index, runs)
         parent = self.parent
         if parent is None or d.name not in parent.disk_names:
             raise SnapferryError(f"no parent index for disk {d.name}: run a full backup")
         pidx = self.repo.load_index(parent.backup_id, d.name, parent)
-        ranges: list[tuple[int, int]] = list(d.changed)
-        if pidx.virtual_size != size:
-            # the disk was resized: re-read the old last chunk and everything allocated
-            # beyond it (a bitmap need not cover the grown area)
-            start = (min(pidx.virtual_size, size) // cs) * cs
-            ranges.extend(allocated_ranges(d.source, start, size - start))
-            index = pidx.resized(size)
-        else:
-            index = pidx.copy()
-        return _DiskState(no, d, size, index, merge_runs(ranges, cs, size))
+        index, runs = plan_incremental(d.source, d.changed, pidx)
+        st = _DiskState(no, d, size, index, runs)
+        if self.options.audit > 0 and pidx.virtual_size == size:
+            # CBT audit: clean chunks read like dirty ones; an honest tracker gives the
+            # parent's ids back (dedup hits that store nothing)
+            seed = self.options.audit_seed
+            rng = random.Random(None if seed is None else seed + no)
+            st.audit = plan_audit(runs, pidx, allocated_mask(d.source, pidx.chunk_size),
+                                  self.options.audit, rng)
+            st.runs = mask_runs(runs_mask(runs, len(pidx)) | runs_mask(
+                ((int(c), 1) for c in st.audit.chunks), len(pidx)))
+        return st
 
     def _copy(self, disks: list[DiskInput]) -> None:
         if not disks:
@@ -338,12 +305,46 @@ class BackupSession:
                     yield Copy(item)
 
         pool.run(messages(), self._on_batch)
+        self._check_audits(pool, cfg.item_chunks)
         pool.run([Flush()], self._on_written, broadcast=True)
         self.progress.finish()
         self._copy_seconds = time.monotonic() - t0
 
     def _on_written(self, w: WrittenObjects) -> None:
         self._written.extend(w)
+
+    def _check_audits(self, pool: ReaderPool, item_chunks: int) -> None:
+        """Compare each audited chunk's id with the parent's. A mismatch means the
+        tracker missed a write: say so, record it, and read the rest of the disk."""
+        cs = self.repo.chunk_size
+        for st in self._disks:
+            plan = st.audit
+            if plan is None:
+                continue
+            bad = plan.mismatched(st.index)
+            st.audit_result = {"sampled": plan.sampled, "mismatched": bad,
+                               "population": plan.population}
+            if not bad:
+                continue
+            msg = (f"disk {st.input.name}: changed-block audit: {bad} of {plan.sampled} "
+                   "sampled clean chunk(s) differ from the parent: the tracker missed writes; "
+                   "reading the whole disk")
+            self.warnings.append(msg)
+            self.progress.note(f"warning: {msg}")
+            read = runs_mask(st.runs, len(st.index))
+            rest = full_read_runs(plan, read)
+            holes = np.flatnonzero(~plan.allocated[: len(st.index)] & ~read)  # holes now
+            st.index.set_many(holes, np.zeros((holes.size, 16), dtype=np.uint8))
+            st.input.full_reason = (
+                f"changed-block audit: {bad} of {plan.sampled} sampled clean chunk(s) "
+                "differed from the parent (the tracker missed writes): full read"
+            )
+            st.runs = st.runs + rest
+            self.progress.start(f"audit: full read of {st.input.name}",
+                                run_bytes(rest, cs, st.size))
+            pool.run((Copy(it) for it in make_items(st.no, rest, item_chunks)),
+                     self._on_batch)
+            self.progress.finish()
 
     def _on_batch(self, r: BatchResult) -> None:
         st = self._disks[r.disk]
@@ -431,6 +432,7 @@ class BackupSession:
                     source=d.source.describe(),
                     tracking=dict(d.tracking),
                     full_reason=d.full_reason,
+                    cbt_audit=st.audit_result,
                 )
             )
             indexes[d.name] = st.index
@@ -461,6 +463,7 @@ class BackupSession:
             disks=entries,
             extra=ex,
             verified=self.options.verify,
+            identity=self.options.identity,
         )
         self.backup_id = self.repo.commit_restore_point(
             manifest, indexes, written=self._written, known_at_start=self._known_index
@@ -479,6 +482,7 @@ class BackupSession:
             verify_seconds=round(self._verify_seconds, 3),
             worker_peak_rss_kib=self._rss,
             parent_peak_rss_kib=_self_peak_rss_kib(),
+            warnings=list(self.warnings),
         )
 
     def abort(self) -> None:

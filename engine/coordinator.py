@@ -20,9 +20,19 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
-from snapferry.engine.backup import BackupOptions, BackupResult, BackupSession, DiskInput
-from snapferry.engine.errors import BackupAborted, HypervisorError, QuiesceError, UsageError
-from snapferry.engine.hypervisor import BackupMode, DiskPlan, Hypervisor, ParentDisk
+from snapferry.engine.backup import BackupOptions, BackupResult, BackupSession
+from snapferry.engine.errors import BackupAborted, HypervisorError, QuiesceError
+from snapferry.engine.hypervisor import BackupMode, Hypervisor, ParentDisk
+from snapferry.engine.planning import (
+    SeriesRequest,
+    chains,
+    check_incremental,
+    choose_parent,
+    from_plans,
+    parent_disks,
+    review_disks,
+    vm_identity,
+)
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.store.manifest import Manifest
 from snapferry.engine.store.repo import Repository
@@ -59,6 +69,7 @@ class VmBackupOptions:
     verify: Literal["full", "quick"] = "full"
     parent: str | None = None
     progress: Progress = field(default_factory=NullProgress)
+    audit: float = 0.0  # CBT audit: percent of clean chunks re-read (the CLI's default: 1)
 
 
 @dataclass
@@ -132,35 +143,6 @@ def _signals_deferred() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def _parents(repo: Repository, vm: str, options: VmBackupOptions) -> Manifest | None:
-    if options.mode == "full":
-        return None
-    if options.parent is not None:
-        parent = repo.load_manifest(options.parent)
-        if parent.vm != vm:
-            raise UsageError(
-                f"--parent {options.parent} is a restore point of {parent.vm!r}, not {vm!r}"
-            )
-        return parent
-    return repo.latest(vm)
-
-
-def _check_incremental(mode: BackupMode, plans: list[DiskPlan], parent: Manifest | None) -> None:
-    if mode != "incremental":
-        return
-    if parent is None:
-        raise UsageError(
-            "--mode incremental needs an earlier restore point of this VM: run a full backup "
-            "first (--mode full or auto)"
-        )
-    fulls = [p for p in plans if p.changed is None]
-    if fulls:
-        reasons = "; ".join(f"{p.name}: {p.full_reason or 'no change tracking'}" for p in fulls)
-        raise UsageError(
-            f"cannot make an incremental backup ({reasons}): use --mode full or --mode auto"
-        )
-
-
 def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmBackupResult:
     """Back up every disk of the VM behind ``hv`` into ``repo``; see the module doc."""
     progress = options.progress
@@ -171,13 +153,14 @@ def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmB
         progress.note(f"warning: {msg}")
 
     info = hv.inspect()
-    parent = _parents(repo, info.name, options)
-    if options.mode == "incremental" and parent is None:
-        _check_incremental(options.mode, [], parent)  # refuse before freezing the guest
-    parents: dict[str, ParentDisk] = {}
-    if parent is not None:
-        for d in parent.disks:
-            parents[d.name] = ParentDisk(d.name, d.virtual_size, dict(d.tracking))
+    identity = vm_identity(info.meta, info.name)
+    # refuses --mode incremental without a usable parent before the guest is frozen
+    choice = choose_parent(repo, SeriesRequest(info.name, identity, options.mode,
+                                               options.parent))
+    for w in choice.warnings:
+        warn(w)
+    parent = choice.parent
+    parents = parent_disks(parent)
 
     want_quiesce = options.quiesce != "off"
     quiesce_tries = max(0, options.retries) + 1
@@ -188,7 +171,7 @@ def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmB
         try:
             return _one_attempt(
                 hv, repo, options, info.name, parent, parents, want_quiesce, attempts, warn,
-                warnings,
+                warnings, identity,
             )
         except QuiesceError as e:
             last_quiesce_error = e
@@ -217,6 +200,7 @@ def _one_attempt(
     attempt: int,
     warn: Any,
     warnings: list[str],
+    identity: str | None = None,
 ) -> VmBackupResult:
     progress = options.progress
     phases: dict[str, float] = {}
@@ -259,37 +243,27 @@ def _one_attempt(
             plans = hv.export(options.mode, parents)
             mark("export", t0)
             _test_fault("export")
-            _check_incremental(options.mode, plans, parent)
-            for p in plans:
-                if p.changed is None and p.full_reason and parent is not None:
-                    warn(f"disk {p.name}: {p.full_reason}")
-            incremental = parent is not None and any(p.changed is not None for p in plans)
-            parent_id = parent.backup_id if incremental and parent is not None else None
+            disks, disk_warnings = review_disks(parent, from_plans(plans))
+            check_incremental(options.mode, disks, parent)
+            for w in disk_warnings:
+                warn(w)
+            chained = chains(parent, disks)
             session = BackupSession(
                 repo,
                 vm,
                 BackupOptions(
                     workers=options.workers,
                     verify=options.verify,
-                    parent=parent_id,
+                    parent=chained.backup_id if chained is not None else None,
                     progress=progress,
-                    no_parent=parent_id is None,
+                    no_parent=chained is None,
+                    audit=options.audit,
+                    identity=identity,
                 ),
             )
             t0 = time.monotonic()
-            session.copy(
-                [
-                    DiskInput(
-                        name=p.name,
-                        source=p.source,
-                        changed=p.changed,
-                        tracking=p.tracking,
-                        full_reason=p.full_reason,
-                        meta=p.meta,
-                    )
-                    for p in plans
-                ]
-            )
+            session.copy(disks)
+            warnings.extend(session.warnings)  # already shown (the CBT audit)
             mark("copy", t0)
             _test_fault("copy")
             t0 = time.monotonic()

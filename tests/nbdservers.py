@@ -192,10 +192,12 @@ class NbdServers:
         export: str = "",
         read_only: bool = True,
         extra: Sequence[str] = (),
+        socket: Path | None = None,
     ) -> NbdServer:
         """``qemu-nbd -t`` exporting ``image``; ``shared`` > 1 makes it advertise
-        multi-conn (qemu-nbd's default of 1 client does not)."""
-        sock = self._sock("qemu-nbd")
+        multi-conn (qemu-nbd's default of 1 client does not). ``socket``: listen there
+        (e.g. the socket of a stopped server: the same NBD URI, so the same source)."""
+        sock = socket or self._sock("qemu-nbd")
         argv = ["qemu-nbd", "-t", "-f", fmt, "-k", str(sock), "-e", str(shared), "-x", export]
         if read_only:
             argv.append("-r")

@@ -36,7 +36,7 @@ def test_backup_json_schema(repo: Path, mixed_image: Path) -> None:
     assert disk.keys() >= DISK_KEYS
     assert all(isinstance(disk[k], int) for k in DISK_KEYS - {"name"})
     assert disk["virtual_size"] == mixed_image.stat().st_size
-    assert doc["vm"] == mixed_image.name and disk["name"] == "disk"
+    assert doc["vm"].endswith(":" + str(mixed_image)) and disk["name"] == "disk"
 
 
 def test_repo_from_environment(repo: Path, mixed_image: Path, tmp_path: Path) -> None:

@@ -85,14 +85,18 @@ def test_full_then_bitmap_incremental(
     srv.stop()
     changes = [(200 * K, 0x55, 10 * K), (7 * M - 2 * K, 0x56, 4 * K), (12 * M, 0x57, 128 * K)]
     qemu_io(img, "qcow2", write_commands(changes))
-    srv2 = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0")
+    # same socket, so the same NBD URI: the same source (the series' identity)
+    srv2 = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0", socket=srv.socket)
     inc = as_json(snapferry("backup", srv2.uri, "--repo", str(repo), "--name", "d",
                             "--bitmap", "b0", "--json"))
     assert inc["mode"] == "incremental" and inc["parent"] == full["backup_id"]
     dirty_chunks = {c for off, _p, ln in changes
                     for c in range(off // CHUNK, (off + ln - 1) // CHUNK + 1)}
     assert len(dirty_chunks) == 5
-    assert 0 < inc["bytes_read"] <= len(dirty_chunks) * CHUNK
+    # the dirty chunks plus the default 1 % audit of the clean ones (none differed)
+    audit = inc["disks"][0]["cbt_audit"]
+    assert audit["mismatched"] == 0 and 0 < audit["sampled"] <= 10
+    assert 0 < inc["bytes_read"] <= (len(dirty_chunks) + audit["sampled"]) * CHUNK
     want_inc = nbdcopy_to_file(srv2.uri, tmp_path / "inc.ref")
     assert want_inc != want_full
     assert restore(repo, inc["backup_id"], tmp_path / "inc.raw") == want_inc

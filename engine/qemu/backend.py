@@ -239,6 +239,9 @@ class QemuHypervisor:
             "qemu": self._qmp.cmd("query-version").get("package", "").strip()
             or str(self._qmp.cmd("query-version").get("qemu")),
             "disks": {d.name: {"node": d.node, "file": d.file, "size": d.size} for d in disks},
+            # the VM's identity (engine/planning.vm_identity): its -uuid, else the QMP path
+            "uuid": str(self._qmp.cmd("query-uuid").get("UUID", "")),
+            "qmp_socket": str(Path(self.qmp_socket).absolute()),
         }
         meta["agent"] = self._probe_agent()
         return VmInfo(name=vm_name, disks=[d.name for d in disks], meta=meta)

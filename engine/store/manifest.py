@@ -42,6 +42,7 @@ class DiskEntry:
     full_reason: str | None = None
     page_entries: int = 4096
     pages: list[PageRef] = field(default_factory=list)
+    cbt_audit: dict[str, int] | None = None  # {"sampled", "mismatched", "population"}
 
 
 @dataclass(slots=True)
@@ -58,6 +59,7 @@ class Manifest:
     disks: list[DiskEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     verified: Verified = "quick"
+    identity: str | None = None  # the source's identity (series check), e.g. HOST:/path
     format: int = MANIFEST_FORMAT
 
     def disk(self, name: str) -> DiskEntry:
@@ -160,6 +162,10 @@ def _check(m: Manifest) -> None:
             raise ValueError(f"disk {dk.name}: source/tracking")
         if dk.full_reason is not None and not isinstance(dk.full_reason, str):
             raise ValueError(f"disk {dk.name}: full_reason")
+        if dk.cbt_audit is not None and not (
+            isinstance(dk.cbt_audit, dict) and all(_is_int(v) for v in dk.cbt_audit.values())
+        ):
+            raise ValueError(f"disk {dk.name}: cbt_audit")
         pe = dk.page_entries
         if not _is_int(pe) or pe < 256 or pe > 65536 or pe & (pe - 1):
             raise ValueError(f"disk {dk.name}: page_entries")
@@ -181,6 +187,8 @@ def _check(m: Manifest) -> None:
     for f in ("created",):
         if not isinstance(getattr(m, f), str):
             raise ValueError(f)
+    if m.identity is not None and not isinstance(m.identity, str):
+        raise ValueError("identity")
     if m.quiesced is not None and not isinstance(m.quiesced, bool):
         raise ValueError("quiesced")
     if m.freeze_ms is not None and (
