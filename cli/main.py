@@ -25,7 +25,6 @@ from snapferry.engine.errors import SnapferryError, UsageError
 
 REPO_ENV = "SNAPFERRY_REPO"
 DEBUG_ENV = "SNAPFERRY_DEBUG"
-VM_SCHEMES = ("qemu+unix", "vsphere")
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 FILE_DISK_NAME = "disk"
@@ -189,6 +188,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def source_kind(source: str) -> str:
     """``vm`` (through the coordinator), ``nbd`` or ``file``."""
     from snapferry.engine.sources import NBD_SCHEMES, scheme_of
+    from snapferry.engine.targets import VM_SCHEMES
 
     if source == "lab":
         return "vm"

@@ -36,7 +36,12 @@ def backup_vm(args: argparse.Namespace) -> int:
         ),
         progress=progress,
     )
-    hv = open_hypervisor(args.source, topts)
+    source = args.source
+    if source == "lab":  # the lab is no engine target: the CLI resolves it
+        from snapferry.lab.vm import lab_target
+
+        source, topts.work_dir = lab_target()
+    hv = open_hypervisor(source, topts)
     try:
         result = run(
             hv,
@@ -91,7 +96,7 @@ def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from snapferry.engine.qemu import lab
+    from snapferry.lab import vm as lab
 
     if args.action == "up":
         vm = lab.lab_up(disks=args.disks, disk_size=args.disk_size)
@@ -136,7 +141,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from snapferry.engine.demo import run_demo
+    from snapferry.lab.demo import run_demo
 
     progress = make_progress(args.json)
 

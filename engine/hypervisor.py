@@ -77,12 +77,15 @@ class Hypervisor(Protocol):
         """Make the point-in-time disks readable from outside; say what to copy."""
         ...
 
-    def commit(self) -> None:
-        """Merge writes recorded during the backup back into the base disks."""
+    def merge_overlay(self) -> None:
+        """Merge the writes recorded during the backup (the overlay, the vSphere
+        snapshot's delta) back into the base disks. Not the writing of a restore point:
+        that is ``BackupSession.commit``."""
         ...
 
-    def relock(self) -> None:
-        """Confirm the VM runs read-write on its base disks again."""
+    def check_on_base(self) -> None:
+        """Check (it locks nothing) that the VM runs read-write on its base disks again;
+        raise ``HypervisorError`` if not."""
         ...
 
     def finalize(self, success: bool) -> None:

@@ -16,10 +16,7 @@ read-back, decode and re-hash of the chunks this backup wrote).
 Signals: workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group); the
 parent decides and kills them. A worker that dies is reported as one ``SnapferryError``.
 
-Test-only hooks (read by workers from the environment, never set in production):
-``SNAPFERRY_TEST_KILL_WORKER_AFTER=N`` — a worker SIGKILLs itself after N chunks;
-``SNAPFERRY_TEST_STALL_AFTER=N`` with ``SNAPFERRY_TEST_STALL_FILE=PATH`` — a worker
-creates PATH and sleeps forever after N chunks (to deliver Ctrl-C mid-copy in tests).
+Test-only fault points (``worker-kill``, ``worker-stall``) live in ``snapferry.engine.faults``.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing as mp
-import os
 import resource
 import signal
 import sys
@@ -44,6 +40,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from snapferry.engine.errors import CorruptionError, SnapferryError
+from snapferry.engine.faults import worker_faults
 from snapferry.engine.source import DiskSource, SourceSpec
 from snapferry.engine.store.chunkfmt import compressor, decode_verified, encode_chunk
 from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
@@ -52,9 +49,6 @@ from snapferry.engine.store.local import LocalChunkStore
 DEFAULT_ITEM_BYTES = 8 << 20
 WINDOW = 2  # work items in flight per worker (one being processed, one queued)
 VERIFY_ITEM_CHUNKS = 64
-KILL_AFTER_ENV = "SNAPFERRY_TEST_KILL_WORKER_AFTER"
-STALL_AFTER_ENV = "SNAPFERRY_TEST_STALL_AFTER"
-STALL_FILE_ENV = "SNAPFERRY_TEST_STALL_FILE"
 
 Run = tuple[int, int]  # (first chunk index, number of chunks)
 
@@ -126,8 +120,7 @@ class _Worker:
         self.mv = memoryview(self.buf)
         self.cctx = compressor(cfg.zstd_level)
         self.done_chunks = 0
-        self.kill_after = _env_int(KILL_AFTER_ENV)
-        self.stall_after = _env_int(STALL_AFTER_ENV)
+        self.faults = worker_faults()
 
     def source(self, disk: int) -> DiskSource:
         src = self.sources.get(disk)
@@ -141,17 +134,6 @@ class _Worker:
             with contextlib.suppress(Exception):
                 src.close()
         self.sources.clear()
-
-    def _test_hooks(self) -> None:
-        if self.kill_after is not None and self.done_chunks >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.stall_after is not None and self.done_chunks >= self.stall_after:
-            path = os.environ.get(STALL_FILE_ENV)
-            if path:
-                with open(path, "a") as f:
-                    f.write(f"{os.getpid()}\n")
-            while True:
-                time.sleep(3600)
 
     def copy(self, item: WorkItem) -> BatchResult:
         cs = self.cfg.chunk_size
@@ -174,7 +156,7 @@ class _Worker:
         level = self.cfg.zstd_level
         cctx = self.cctx
         mv = self.mv
-        hooks = self.kill_after is not None or self.stall_after is not None
+        hooks = self.faults.any
         for first, count in item.runs:
             c = first
             end_chunk = first + count
@@ -185,7 +167,7 @@ class _Worker:
                 if length <= 0:
                     raise SnapferryError(f"chunk {c} lies beyond the end of disk {item.disk}")
                 if hooks:
-                    self._test_hooks()
+                    self.faults.check(self.done_chunks)
                 src.readinto(mv[:length], off)
                 bytes_read += length
                 chunks[k : k + take] = np.arange(c, c + take, dtype=np.int64)
@@ -233,16 +215,6 @@ class _Worker:
             nbytes += len(blob)
             count += 1
         return count, nbytes
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if not v:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        return None
 
 
 def _peak_rss_kib() -> int:

@@ -2,7 +2,6 @@
 
 Accepted forms:
 - ``qemu+unix:///PATH/qmp.sock?agent=/PATH/qga.sock[&name=NAME]`` — a running QEMU VM.
-- ``lab`` — the lab VM (``snapferry lab up``).
 - ``vsphere://USER@HOST[:PORT]/VM_NAME_OR_MOREF?thumbprint=...`` — a vSphere VM.
 """
 
@@ -19,10 +18,6 @@ from snapferry.engine.hypervisor import Hypervisor
 from snapferry.engine.progress import NullProgress, Progress
 
 VM_SCHEMES = ("qemu+unix", "vsphere")
-
-
-def is_vm_target(source: str) -> bool:
-    return source == "lab" or urlsplit(source).scheme in VM_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -75,24 +70,16 @@ class TargetOptions:
     qemu_strategy: str = "overlay"  # "overlay" (snapshot + block-commit) | "fleecing"
     vsphere: VsphereCliOptions = field(default_factory=VsphereCliOptions)
     progress: Progress = field(default_factory=NullProgress)
+    work_dir: Path | None = None  # QEMU: overlays + crash state; default per QMP socket
 
 
 def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hypervisor:
     """The backend for ``source`` (see the module doc); raises UsageError otherwise."""
     opts = options or TargetOptions()
-    if source == "lab":
-        from snapferry.engine.qemu.lab import lab_info
-
-        info = lab_info()
-        return _qemu(
-            QemuTarget(info["qmp_socket"], info["agent_socket"], "lab"),
-            Path(info["lab_dir"]) / "work",
-            opts,
-        )
     scheme = urlsplit(source).scheme
     if scheme == "qemu+unix":
         t = parse_qemu_uri(source)
-        return _qemu(t, work_dir_for(t.qmp_socket), opts)
+        return _qemu(t, opts.work_dir or work_dir_for(t.qmp_socket), opts)
     if scheme == "vsphere":
         return _vsphere(source, opts)
     raise UsageError(f"not a VM target: {source!r}")

@@ -27,9 +27,9 @@ import pytest
 
 from snapferry.engine.qemu.agent import GuestAgent
 from snapferry.engine.qemu.backend import OVERLAY_SUFFIX
-from snapferry.engine.qemu.lab import LabVm, lab_down, lab_up
 from snapferry.engine.qemu.qmp import Qmp
 from snapferry.engine.source import Extent
+from snapferry.lab.vm import LabVm, lab_down, lab_up
 
 LAB_DISKS = 2
 LAB_DISK_SIZE = "32M"

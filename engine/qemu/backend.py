@@ -490,8 +490,8 @@ class QemuHypervisor:
         for d in self._disks:
             d.export_id = None
 
-    # -- commit / relock -------------------------------------------------------------
-    def commit(self) -> None:
+    # -- merge_overlay / check_on_base -------------------------------------------------------------
+    def merge_overlay(self) -> None:
         self._remove_exports()
         t0 = time.monotonic()
         for d in self._disks:
@@ -544,7 +544,7 @@ class QemuHypervisor:
             with contextlib.suppress(QmpCommandError):
                 self._qmp.cmd("blockdev-del", {"node-name": top})
 
-    def relock(self) -> None:
+    def check_on_base(self) -> None:
         by_name = {_disk_name(b, str(b.get("inserted", {}).get("node-name", ""))): b
                    for b in self._qmp.cmd("query-block") if b.get("inserted")}
         for d in self._disks:

@@ -10,13 +10,15 @@ from urllib.parse import urlsplit
 from snapferry.engine.errors import UsageError
 from snapferry.engine.source import DiskSource
 
-NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+# The one list of NBD URI schemes (the NBD URI spec's; libnbd speaks them all).
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 ACCEPTED_FORMS = (
     "a path to a raw disk image or block device (disk.raw, /dev/vg/lv)",
     "nbd://HOST[:PORT]/EXPORT",
     "nbds://HOST[:PORT]/EXPORT",
     "nbd+unix:///EXPORT?socket=PATH",
+    "nbd+vsock://CID[:PORT]/EXPORT",
     "VMs: qemu+unix:///PATH/qmp.sock?agent=PATH, vsphere://USER@HOST/VM, lab",
 )
 
@@ -30,7 +32,7 @@ def scheme_of(uri: str) -> str | None:
 
 def open_source(uri: str, *, bitmap: str | None = None) -> DiskSource:
     """Open a SOURCE string: a plain path → ``FileSource``; ``nbd://``, ``nbds://``,
-    ``nbd+unix://`` → ``NbdSource`` (``bitmap`` names the dirty bitmap to read)."""
+    ``nbd+unix://``, ``nbd+vsock://`` → ``NbdSource`` (``bitmap``: the dirty bitmap to read)."""
     scheme = scheme_of(uri)
     if scheme is None:
         if bitmap is not None:

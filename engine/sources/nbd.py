@@ -23,12 +23,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from snapferry.engine.errors import SourceError
 from snapferry.engine.source import Extent
+from snapferry.engine.sources import NBD_SCHEMES
 from snapferry.native import _libnbd_cdef as C
 from snapferry.native.libnbd import BlockSizes, BlockStatusReply, NbdError, NbdHandle
 
 __all__ = ["NBD_SCHEMES", "NbdSource", "NbdSpec", "is_nbd_uri", "redact_uri"]
-
-NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 MAX_REQUEST = 32 * 1024 * 1024  # the NBD protocol's safe upper bound for one read
 DEFAULT_REQUEST_SIZE = 2 * 1024 * 1024
