@@ -79,6 +79,11 @@ def backup_vm(args: argparse.Namespace) -> int:
 
 
 def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cleanup", help="clear what an interrupted backup left on a VM "
+                                       "(thaw, merge overlays, drop exports and stray bitmaps)")
+    p.add_argument("source", metavar="VM", help="qemu+unix:///QMP?agent=QGA | lab")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("lab", help="the lab VM: a small live guest with qemu-guest-agent")
     p.add_argument("action", choices=("up", "down", "status", "write", "read"))
     p.add_argument("path", nargs="?", metavar="GUEST_PATH", help="write/read: file in the guest")
@@ -93,6 +98,34 @@ def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--repo", default=None, help="repository to (re)create for the demo")
     p.add_argument("--keep-lab", action="store_true", help="leave the lab VM running")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from snapferry.engine.hypervisor import Recoverable
+    from snapferry.engine.targets import TargetOptions, open_hypervisor
+
+    # the fleecing flavour clears both strategies' leftovers (overlays and fleece nodes)
+    topts = TargetOptions(qemu_strategy="fleecing", progress=make_progress(True))
+    source = args.source
+    if source == "lab":
+        from snapferry.lab.vm import lab_target
+
+        source, topts.work_dir = lab_target()
+    hv = open_hypervisor(source, topts)
+    try:
+        if not isinstance(hv, Recoverable):
+            raise UsageError(f"cleanup is not supported for {args.source!r} (QEMU VMs only)")
+        done = hv.recover()
+    finally:
+        hv.close()
+    if args.json:
+        emit_json({"vm": args.source, "actions": done, "clean": True})
+    else:
+        for line in done:
+            print(f"  {line}")
+        print(f"{args.source}: on its base disks, thawed, no snapferry export, job or "
+              f"stray bitmap" + ("" if done else " (nothing to clean up)"))
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ the restore point's consistency label are decided by the coordinator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from snapferry.engine.source import DiskSource
 
@@ -100,3 +100,14 @@ class Hypervisor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Recoverable(Protocol):
+    """A backend that can clear what an interrupted backup left on a VM from a fresh
+    process (``snapferry cleanup VM``)."""
+
+    def recover(self) -> list[str]:
+        """Bring the VM back to its base disks, thawed, with nothing of snapferry's left
+        attached; return what was found and done, one line each."""
+        ...

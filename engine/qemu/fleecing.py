@@ -70,6 +70,7 @@ class QemuFleecingHypervisor(QemuHypervisor):
     def inspect(self) -> VmInfo:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._qmp.connect()
+        self.lock()  # before touching anything: leftovers are ours only under the lock
         if self._fleece_jobs() or self._fleece_nodes():
             self.progress.note("leftover snapferry fleecing job from an interrupted backup: "
                                "stopping it first")
