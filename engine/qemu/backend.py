@@ -200,6 +200,7 @@ class QemuHypervisor:
         self._finalized = False
         self.freeze_limit = freeze_limit
         self._watchdog: _Watchdog | None = None
+        self._log_size_at_freeze = 0
         self._lock_token: str | None = None
         self.actions: list[str] = []  # what cleanup found and did (for `snapferry cleanup`)
         self.stats: dict[str, float] = {}
@@ -433,7 +434,9 @@ class QemuHypervisor:
             raise QuiesceError(f"guest agent did not answer: {e}") from e
         assert self.agent_socket is not None  # _agent_conn() checked it
         self._set_state(frozen=True)
-        self._watchdog = _Watchdog(self.agent_socket, self.freeze_limit, self._watchdog_log())
+        log = self._watchdog_log()
+        self._log_size_at_freeze = log.stat().st_size if log.exists() else 0
+        self._watchdog = _Watchdog(self.agent_socket, self.freeze_limit, log)
         self._freeze_t0 = time.monotonic()
         try:
             count = ga.fsfreeze_freeze()
@@ -466,7 +469,7 @@ class QemuHypervisor:
 
     def thaw(self) -> int:
         log = self._watchdog_log()
-        log_before = log.stat().st_size if log.exists() else 0
+        log_before = self._log_size_at_freeze
         try:
             try:
                 count = self._agent_conn().fsfreeze_thaw()
