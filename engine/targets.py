@@ -7,15 +7,17 @@ Accepted forms:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.hypervisor import Hypervisor
 from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.sources import split_uri
 
 VM_SCHEMES = ("qemu+unix", "vsphere")
 
@@ -28,7 +30,7 @@ class QemuTarget:
 
 
 def parse_qemu_uri(uri: str) -> QemuTarget:
-    parts = urlsplit(uri)
+    parts = split_uri(uri)
     if parts.scheme != "qemu+unix" or not parts.path:
         raise UsageError(
             f"not a QEMU target: {uri!r} (expected qemu+unix:///PATH/qmp.sock?agent=PATH)"
@@ -76,7 +78,7 @@ class TargetOptions:
 def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hypervisor:
     """The backend for ``source`` (see the module doc); raises UsageError otherwise."""
     opts = options or TargetOptions()
-    scheme = urlsplit(source).scheme
+    scheme = split_uri(source).scheme
     if scheme == "qemu+unix":
         t = parse_qemu_uri(source)
         return _qemu(t, opts.work_dir or work_dir_for(t.qmp_socket), opts)
@@ -116,6 +118,11 @@ def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:
     target = parse_vsphere_uri(source)
     vo = opts.vsphere
     transport = vo.transport or target.transport or "vddk"
+    if transport not in ("vddk", "nbd"):
+        raise UsageError(f"unknown vSphere transport {transport!r}: vddk or nbd")
+    # the command line's --transport wins over the URI's transport= (the backend reads
+    # the target's)
+    target = dataclasses.replace(target, transport="nbd" if transport == "nbd" else "vddk")
     if transport == "nbd" and not vo.nbd_uri:
         raise UsageError(
             "--transport nbd needs --nbd-uri (the nbdkit vddk export, e.g. "

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.source import DiskSource
@@ -23,11 +23,22 @@ ACCEPTED_FORMS = (
 )
 
 
+def split_uri(uri: str) -> SplitResult:
+    """``urlsplit`` that refuses a malformed URI (an unclosed ``[`` IPv6 host, a port
+    that is not a number in 0-65535) with a ``UsageError`` instead of a ValueError."""
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port  # validates the port
+    except ValueError as e:
+        raise UsageError(f"malformed URI {uri!r}: {e}") from None
+    return parts
+
+
 def scheme_of(uri: str) -> str | None:
     """The URI scheme of ``uri`` in lower case, or None for a plain path."""
     if "://" not in uri:
         return None
-    return urlsplit(uri).scheme.lower() or None
+    return split_uri(uri).scheme.lower() or None
 
 
 def open_source(uri: str, *, bitmap: str | None = None) -> DiskSource:
