@@ -253,8 +253,12 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
                     raise ValueError(f"unknown message {kind!r}")
             except SnapferryError as e:
                 conn.send(("error", tag, e))
+            except (BrokenPipeError, ConnectionResetError):
+                raise  # the parent is gone: below
             except Exception as e:
                 conn.send(("bug", tag, f"{type(e).__name__}: {e}", traceback.format_exc()))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent died (killed backup): an orphan leaves quietly, no traceback
     finally:
         w.close()
 
