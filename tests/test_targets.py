@@ -53,3 +53,14 @@ def test_fault_spec_rejects_unknown_points() -> None:
         faults.spec(after_coffee="sigkill")
     with pytest.raises(ValueError):
         faults.spec(after_copy="explode")
+
+
+def test_a_too_long_name_is_a_usage_error(tmp_path: Path) -> None:
+    """A 300-character ``--name`` gave ``internal error: OSError: File name too long``."""
+    image = tmp_path / "d.raw"
+    image.write_bytes(b"x" * 65536)
+    repo = tmp_path / "repo"
+    assert run_cli("init", str(repo)).returncode == 0
+    p = run_cli("backup", str(image), "--repo", str(repo), "--name", "a" * 300)
+    line = assert_one_line_error(p, code=2)
+    assert "name too long" in line, line

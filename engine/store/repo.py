@@ -64,11 +64,17 @@ def _write_file_durably(path: Path, data: bytes) -> None:
         raise io_error(f"writing {path.name}", e) from None
 
 
+NAME_MAX_QUOTED = 200
+
+
 def path_component(name: str) -> str:
     """A VM or disk name made safe as a single path component (reversible quoting)."""
     if not name or name in (".", ".."):
         raise UsageError(f"invalid name {name!r}")
     q = quote(name, safe="-_.+@=,")
+    if len(q) > NAME_MAX_QUOTED:  # a file name holds 255 bytes; leave room for suffixes
+        raise UsageError(f"name too long: {len(name)} characters ({len(q)} bytes quoted; "
+                         f"at most {NAME_MAX_QUOTED})")
     return "%2E" + q[1:] if q.startswith(".") else q
 
 
