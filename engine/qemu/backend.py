@@ -140,7 +140,8 @@ class _Watchdog:
             raise HypervisorError(f"cannot start the thaw watchdog: {e}") from e
 
     def release(self) -> None:
-        """The freeze window is over: the watchdog exits without touching the guest."""
+        """The freeze window is over: the watchdog exits without touching the guest
+        (not waited for here: its exit is reaped by ``reap``, outside the window)."""
         stdin = self.proc.stdin
         if stdin is not None:
             with contextlib.suppress(OSError):
@@ -148,6 +149,8 @@ class _Watchdog:
                 stdin.flush()
             with contextlib.suppress(OSError):
                 stdin.close()
+
+    def reap(self) -> None:
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -200,6 +203,7 @@ class QemuHypervisor:
         self._finalized = False
         self.freeze_limit = freeze_limit
         self._watchdog: _Watchdog | None = None
+        self._released_watchdogs: list[_Watchdog] = []
         self._log_size_at_freeze = 0
         self._lock_token: str | None = None
         self.actions: list[str] = []  # what cleanup found and did (for `snapferry cleanup`)
@@ -423,6 +427,12 @@ class QemuHypervisor:
         wd, self._watchdog = self._watchdog, None
         if wd is not None:
             wd.release()
+            self._released_watchdogs.append(wd)
+
+    def _reap_watchdogs(self) -> None:
+        for wd in self._released_watchdogs:
+            wd.reap()
+        self._released_watchdogs = []
 
     def quiesce(self) -> int:
         """Freeze, proven by ``guest-fsfreeze-status``. A thaw watchdog (a process of its
@@ -570,6 +580,7 @@ class QemuHypervisor:
         """
         if not self._snapshotted:
             raise HypervisorError("export() before snapshot()")
+        self._reap_watchdogs()  # released at the thaw; gone by now
         self._start_nbd_server()
         plans = []
         for d in self._disks:
@@ -985,6 +996,7 @@ class QemuHypervisor:
         self._close_sources()
         self._agent_close()
         self._release_watchdog()
+        self._reap_watchdogs()
         with contextlib.suppress(SnapferryError, OSError):
             if self._lock_token is not None:
                 self._qmp.connect()
