@@ -128,7 +128,7 @@ def count_backups(repo: Repository) -> int:
 def after_fault(vm: LabVm, work: Path, repo: Repository, before: int) -> VmBackupResult:
     """The checks every fault test ends with: the VM is clean, the failed backup left no
     restore point, and the next backup succeeds (and is complete and restorable)."""
-    assert_vm_clean(vm, work)
+    assert_vm_clean(vm, work, unlocked=True)
     assert count_backups(repo) == before, "a failed backup left a restore point"
     marker = write_known(vm, f"after-fault-{os.getpid()}-{before}", 1, 4096)
     r = run(vm, work, repo)

@@ -104,7 +104,7 @@ def test_sigkill_right_after_freeze_is_thawed_by_the_watchdog(
     log = (work / "thaw-watchdog.log").read_text()
     assert "went away while the guest was frozen" in log and "thawed" in log, log
     cleanup_json(lab_vm)
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
 
 
 def test_freeze_window_limit(lab_vm: LabVm, shared: tuple[Path, Repository]) -> None:
@@ -125,7 +125,7 @@ def test_freeze_window_limit(lab_vm: LabVm, shared: tuple[Path, Repository]) -> 
     with pytest.raises(QuiesceError, match="watchdog thawed the guest first"):
         run(lab_vm, work, repo, quiesce="required", retries=0, hv=hv)
     assert count_backups(repo) == before
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
 
 
 # -- item 2 (cleanup) and item 11 (kill after the merge): a SIGKILL at each point ------------
@@ -136,38 +136,45 @@ def test_sigkill_at_each_point_then_cleanup(lab_vm: LabVm, shared: tuple[Path, R
                                             phase: str) -> None:
     work, repo = shared
     before = count_backups(repo)
+    nodes = ("lab-disk0", "lab-disk1")
+    bitmaps_before = {node: snapferry_bitmaps(lab_vm, node) for node in nodes}
     killed_backup(lab_vm, repo, f"after_{phase}")
     assert wait_thawed(lab_vm) == "thawed"  # the watchdog, whatever the point
     doc = cleanup_json(lab_vm)
     print(f"after-{phase}: cleanup did {doc['actions']}")
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
     assert count_backups(repo) == before
-    for node in ("lab-disk0", "lab-disk1"):
-        bms = bitmaps(lab_vm, node)
-        ours = [n for n in bms if n.startswith("snapferry-")]
-        assert len(ours) == 1, (phase, node, ours)  # the parent's, merged back, enabled
-        assert bms[ours[0]].get("recording") and not bms[ours[0]].get("inconsistent")
+    for node in nodes:
+        # no stray bitmap: exactly the ones before the kill (the killed round's merged
+        # back into its parent's), all recording and consistent
+        assert snapferry_bitmaps(lab_vm, node) == bitmaps_before[node], (phase, node)
+        for b in bitmaps(lab_vm, node).values():
+            assert b.get("recording") and not b.get("inconsistent"), (phase, node, b)
     marker = write_known(lab_vm, f"after-kill-{phase}", 1, 4096)
     r = run(lab_vm, work, repo)
     # the parent's bitmap was put back: an incremental, also after a kill after the merge
     assert r.backup.mode == "incremental", (phase, r.backup.disks)
     check_restore_point(repo, r.backup.backup_id, marker, work)
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
 
 
 def test_kill_after_merge_next_backup_incremental_without_cleanup(
         lab_vm: LabVm, shared: tuple[Path, Repository]) -> None:
     """Item 11: the next backup itself (no cleanup run) puts the bitmaps back."""
     work, repo = shared
+    bitmaps_before = {n: snapferry_bitmaps(lab_vm, n) for n in ("lab-disk0", "lab-disk1")}
     killed_backup(lab_vm, repo, "after_merge")
     marker = write_known(lab_vm, "after-merge-kill", 1, 4096)
     r = run(lab_vm, work, repo)
     assert r.backup.mode == "incremental", r.backup.disks
     assert all(d.full_reason is None for d in r.backup.disks)
     check_restore_point(repo, r.backup.backup_id, marker, work)
-    for node in ("lab-disk0", "lab-disk1"):
-        assert len(snapferry_bitmaps(lab_vm, node)) == 1
-    assert_vm_clean(lab_vm, work)
+    latest = repo.load_manifest(r.backup.backup_id)
+    for d in latest.disks:  # the new round's bitmap replaced its parent's: no pile-up
+        node = f"lab-{d.name}"
+        assert d.tracking["bitmap"] in snapferry_bitmaps(lab_vm, node)
+        assert len(snapferry_bitmaps(lab_vm, node)) == len(bitmaps_before[node])
+    assert_vm_clean(lab_vm, work, unlocked=True)
 
 
 # -- item 3: two backups of one VM through its two QMP monitors ----------------------------
@@ -204,10 +211,10 @@ def test_second_backup_of_the_same_vm_refuses(lab_vm: LabVm, shared: tuple[Path,
         os.killpg(first.pid, signal.SIGINT)
         _out, err1 = first.communicate(timeout=120)
     assert first.returncode == 130, err1
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
     r = run(lab_vm, work, repo)
     assert r.backup.mode == "incremental"
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
 
 
 def test_lock_of_a_live_backup_in_this_process(lab_vm: LabVm,
@@ -259,7 +266,7 @@ def test_guest_writes_after_a_kill_and_a_vm_restart_are_kept(
     finally:
         for f in work.glob(f"*{OVERLAY_SUFFIX}"):
             f.unlink()  # the test's own leftovers: the next tests expect none
-    assert_vm_clean(lab_vm, work)
+    assert_vm_clean(lab_vm, work, unlocked=True)
     marker = write_known(lab_vm, "after-restart", 1, 4096)
     r = run(lab_vm, work, repo)
     check_restore_point(repo, r.backup.backup_id, marker, work)
