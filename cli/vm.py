@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from snapferry.cli.output import emit_json, human_bytes, make_progress
+from snapferry.cli.output import emit_json, human_bytes, make_progress, print_fields
 from snapferry.engine.errors import UsageError
 
 
 def backup_vm(args: argparse.Namespace) -> int:
-    from snapferry.cli.main import open_repo
+    from snapferry.cli.common import open_repo
     from snapferry.engine.coordinator import VmBackupOptions
     from snapferry.engine.coordinator import backup_vm as run
     from snapferry.engine.targets import TargetOptions, VsphereCliOptions, open_hypervisor
@@ -79,9 +79,16 @@ def backup_vm(args: argparse.Namespace) -> int:
 
 
 def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("cleanup", help="clear what an interrupted backup left on a VM "
-                                       "(thaw, merge overlays, drop exports and stray bitmaps)")
+    p = sub.add_parser(
+        "cleanup", help="clear what an interrupted backup left on a VM "
+                        "(thaw, merge overlays, drop exports and stray bitmaps)",
+        description="Bring a QEMU VM back to its base disks, thawed, with no snapferry "
+                    "export, block job, lock or stray bitmap, after a backup process was "
+                    "killed. Overlay files holding guest writes are kept and reported.",
+        epilog="examples:\n  snapferry cleanup lab\n"
+               "  snapferry cleanup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'")
     p.add_argument("source", metavar="VM", help="qemu+unix:///QMP?agent=QGA | lab")
+    p.set_defaults(func=cmd_cleanup)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("lab", help="the lab VM: a small live guest with qemu-guest-agent")
@@ -152,8 +159,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         if args.json:
             emit_json(st)
         else:
-            for k, v in st.items():
-                print(f"{k}: {v}")
+            print_fields(st)
         return 0 if st.get("running") else 3
     if not args.path:
         raise UsageError(f"lab {args.action} needs GUEST_PATH")

@@ -3,6 +3,8 @@
 Accepted forms:
 - ``qemu+unix:///PATH/qmp.sock?agent=/PATH/qga.sock[&name=NAME]`` — a running QEMU VM.
 - ``vsphere://USER@HOST[:PORT]/VM_NAME_OR_MOREF?thumbprint=...`` — a vSphere VM.
+- ``libvirt:///system/DOMAIN``, ``qemu:///system/DOMAIN``, ``qemu+ssh://HOST/system/DOMAIN``
+  — a libvirt domain (``snapferry.engine.libvirt.uri``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ from urllib.parse import parse_qs
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.hypervisor import Hypervisor
+from snapferry.engine.libvirt.uri import LIBVIRT_SCHEMES
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.sources import split_uri
 
-VM_SCHEMES = ("qemu+unix", "vsphere")
+VM_SCHEMES = ("qemu+unix", "vsphere", *LIBVIRT_SCHEMES)
+
+
+def is_vm_target(source: str) -> bool:
+    """A SOURCE string naming a VM (backed up through the coordinator). The CLI's own
+    ``lab`` target is resolved by the CLI, not here."""
+    return "://" in source and split_uri(source).scheme.lower() in VM_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hyperv
         return _qemu(t, opts.work_dir or work_dir_for(t.qmp_socket), opts)
     if scheme == "vsphere":
         return _vsphere(source, opts)
+    if scheme in LIBVIRT_SCHEMES:
+        return _libvirt(source, opts)
     raise UsageError(f"not a VM target: {source!r}")
 
 
@@ -109,6 +120,14 @@ def _qemu(t: QemuTarget, work_dir: Path, opts: TargetOptions) -> Hypervisor:
         agent_timeout=opts.agent_timeout,
         progress=opts.progress,
     )
+
+
+def _libvirt(source: str, opts: TargetOptions) -> Hypervisor:
+    from snapferry.engine.libvirt.backend import LibvirtHypervisor
+    from snapferry.engine.libvirt.uri import parse_libvirt_uri
+
+    t = parse_libvirt_uri(source)
+    return LibvirtHypervisor(t, work_dir=work_dir_for(t.key), progress=opts.progress)
 
 
 def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:

@@ -23,6 +23,7 @@ from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.restore import restore
 from snapferry.engine.store.repo import Repository
 from snapferry.engine.targets import TargetOptions, open_hypervisor
+from snapferry.engine.units import human_bytes
 from snapferry.lab.check import fsck_clean, read_file
 from snapferry.lab.vm import LabVm, lab_down, lab_target, lab_up, lab_write
 
@@ -75,12 +76,11 @@ class DemoReport:
             f"lab VM booted under {self.accel.upper()} in {self.boot_seconds:.1f} s",
         ]
         for s in self.steps:
-            mib = 1024 * 1024
             lines.append(
                 f"{s.label:<12} {s.mode:<11} {s.consistency:<10} "
                 f"freeze {s.freeze_ms or 0:6.0f} ms  backup {s.seconds:5.1f} s  "
-                f"read {s.bytes_read / mib:7.1f} MiB of {s.virtual_size / mib:.0f} MiB  "
-                f"stored {s.bytes_stored / mib:6.1f} MiB  restore {s.restore_seconds:4.1f} s  "
+                f"read {human_bytes(s.bytes_read):>10} of {human_bytes(s.virtual_size)}  "
+                f"stored {human_bytes(s.bytes_stored):>10}  restore {s.restore_seconds:4.1f} s  "
                 f"{s.files_checked} files ok, fsck {'clean' if s.fsck_clean else 'DIRTY'}"
             )
         lines.append(f"demo passed in {self.seconds:.0f} s (repository: {self.repo})")

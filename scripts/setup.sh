@@ -2,7 +2,8 @@
 # One-shot, idempotent set-up for a fresh Debian 12 machine:
 #   - the Debian packages snapferry and its tests use (QEMU, NBD tools, the lab VM's
 #     kernel and busybox, the reference tools the benchmark compares against, Go and
-#     govmomi for the vSphere simulator),
+#     govmomi for the vSphere simulator, Ceph for the S3 tests: mon, osd and radosgw,
+#     libvirtd and the headers libvirt-python builds on),
 #   - a virtualenv at .venv with snapferry installed (editable) and its dev tools.
 # Re-running it is cheap: nothing is installed twice.
 set -euo pipefail
@@ -15,6 +16,8 @@ APT_PACKAGES=(
     zstd restic borgbackup
     golang-go golang-github-vmware-govmomi-dev
     gcc libc6-dev python3-venv
+    radosgw ceph-mon ceph-osd ceph-common
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
 )
 
 missing=()
@@ -35,13 +38,13 @@ fi
 PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
     for cand in python3.11 python3; do
-        if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
             PY=$cand; break
         fi
     done
 fi
 if [[ -z "$PY" ]]; then
-    echo "setup: Python 3.11 is needed (apt-get install python3 python3-venv on Debian 12)" >&2
+    echo "setup: Python 3.11 or newer is needed (apt-get install python3 python3-venv on Debian 12)" >&2
     exit 1
 fi
 
@@ -53,6 +56,6 @@ stamp=.venv/.snapferry-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing snapferry into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,s3,libvirt]"
     touch "$stamp"
 fi

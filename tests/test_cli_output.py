@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -68,7 +69,7 @@ def test_human_output_without_tty(repo: Path, mixed_image: Path) -> None:
     lst = run_cli("list", "--repo", repo)
     assert mixed_image.name in lst.stdout and "full" in lst.stdout
     info = run_cli("info", "--repo", repo)
-    assert "restore points 1" in info.stdout
+    assert re.search(r"^restore points +1 in 1 series$", info.stdout, re.M), info.stdout
 
 
 def test_progress_bar_on_a_terminal(repo: Path, mixed_image: Path) -> None:
@@ -123,3 +124,80 @@ def test_parse_size() -> None:
     assert parse_size("65536") == 65536
     with pytest.raises(Exception, match="not a size"):
         parse_size("1.5M")
+
+
+def test_sizes_choose_their_unit_per_value() -> None:
+    from snapferry.engine.units import human_bytes
+
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(16 << 10) == "16.0 KiB"
+    assert human_bytes(1536 << 10) == "1.5 MiB"
+    assert human_bytes(64 << 30) == "64.0 GiB"
+    assert human_bytes((1 << 20) - 1) == "1.0 MiB"  # not "1024.0 KiB"
+
+
+def test_demo_summary_uses_the_unit_chooser() -> None:
+    """Finding: the demo printed "stored 0.0 MiB" for 16 KiB."""
+    from snapferry.lab.demo import DemoReport, DemoStep
+
+    r = DemoReport(accel="tcg", boot_seconds=1.0, repo="/r", seconds=9.0)
+    r.steps.append(DemoStep("incremental", "id", "incremental", "filesystem", 80.0, 0.4,
+                            bytes_read=256 << 10, bytes_stored=16 << 10,
+                            virtual_size=256 << 20, files_checked=3, fsck_clean=True))
+    text = r.summary()
+    assert "stored   16.0 KiB" in text and "read  256.0 KiB of 256.0 MiB" in text
+    assert "0.0 MiB" not in text
+
+
+def test_progress_bar_unit_matches_what_it_counts() -> None:
+    """Finding: the verify bar labelled chunks as bytes."""
+    from snapferry.cli.output import TtyProgress
+
+    bar = TtyProgress()
+    try:
+        bar.start("verify chunks", 10)
+        assert bar._bar.unit == " chunks" and not bar._bar.unit_scale
+        bar.start("verify", 10)  # the backup's pre-commit check counts chunks too
+        assert bar._bar.unit == " chunks"
+        bar.start("verify data", 1 << 20)
+        assert bar._bar.unit == "B" and bar._bar.unit_scale
+        bar.start("backup vm1", 1 << 20)
+        assert bar._bar.unit == "B"
+    finally:
+        bar.finish()
+
+
+def test_warnings_are_said_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Finding: "warning: disk disk1: disk disk1: ..." (the backend's note, then the
+    coordinator's warning that repeats it with the disk's name once more)."""
+    from snapferry.cli.output import QuietProgress, TtyProgress, configure
+
+    configure(command="backup")
+    why = "disk disk1: no bitmap of the parent restore point: full backup"
+    for progress in (QuietProgress(), TtyProgress()):
+        configure(command="backup")
+        progress.note(why)  # the backend's note
+        progress.note(f"warning: disk disk1: {why}")  # the coordinator's warning
+        progress.note(f"warning: disk disk1: {why}")
+        err = capsys.readouterr().err
+        assert err.count("disk disk1:") == 1, err
+        assert err.count("\n") == 1, err
+    configure(command=None)
+
+
+def test_lab_status_fields_have_no_python_reprs() -> None:
+    """Finding: ``lab status`` printed Python reprs (lists, dicts, None, True)."""
+    from snapferry.cli.output import fields
+
+    text = fields({"lab_dir": "/l", "running": True, "pid": None, "disks": ["/l/d0.qcow2",
+                   "/l/d1.qcow2"], "bitmaps": {"lab-disk0": ["b1", "b2"], "lab-disk1": []},
+                   "fsfreeze": "thawed"})
+    for bad in ("[", "]", "{", "}", "None", "True", "'"):
+        assert bad not in text, (bad, text)
+    lines = text.splitlines()
+    assert lines[1].split(None, 1) == ["running", "yes"]
+    assert "/l/d0.qcow2, /l/d1.qcow2" in text and "lab-disk0: b1, b2; lab-disk1: -" in text
+    col = len("fsfreeze") + 2  # the longest label, then the gap: values in one column
+    for ln in lines:
+        assert ln[col - 2 : col] == "  " and ln[col] != " ", ln

@@ -35,7 +35,8 @@ def backup_json(args: list[str], env: dict[str, str] | None = None) -> dict[str,
 def one_line_error(p: Any) -> str:
     err = str(p.stderr).strip()
     assert len(err.splitlines()) == 1 and err.startswith("snapferry: "), err
-    assert "Traceback" not in err and p.stdout == ""
+    assert "Traceback" not in err
+    assert p.stdout == "" or json.loads(p.stdout)["ok"] is False  # --json: an error document
     return err
 
 

@@ -14,7 +14,8 @@ from snapferry.engine.source import DiskSource
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 ACCEPTED_FORMS = (
-    "a path to a raw disk image or block device (disk.raw, /dev/vg/lv)",
+    "a path to a disk image (raw, qcow2 or any format qemu-img knows) or block device "
+    "(disk.raw, vm.qcow2, /dev/vg/lv)",
     "nbd://HOST[:PORT]/EXPORT",
     "nbds://HOST[:PORT]/EXPORT",
     "nbd+unix:///EXPORT?socket=PATH",
@@ -41,16 +42,18 @@ def scheme_of(uri: str) -> str | None:
     return split_uri(uri).scheme.lower() or None
 
 
-def open_source(uri: str, *, bitmap: str | None = None) -> DiskSource:
-    """Open a SOURCE string: a plain path → ``FileSource``; ``nbd://``, ``nbds://``,
-    ``nbd+unix://``, ``nbd+vsock://`` → ``NbdSource`` (``bitmap``: the dirty bitmap to read)."""
+def open_source(
+    uri: str, *, bitmap: str | None = None, image_format: str | None = None
+) -> DiskSource:
+    """Open a SOURCE string: a plain path → ``FileSource`` (raw) or ``ImageSource``
+    (qcow2 and other formats qemu-img knows; ``image_format`` skips the probe);
+    ``nbd://``, ``nbds://``, ``nbd+unix://``, ``nbd+vsock://`` → ``NbdSource`` (``bitmap`` names the
+    dirty bitmap to read)."""
     scheme = scheme_of(uri)
     if scheme is None:
-        if bitmap is not None:
-            raise UsageError("--bitmap needs an NBD source (a plain file has no dirty bitmap)")
-        from snapferry.engine.sources.file import FileSource
+        from snapferry.engine.sources.image import open_image
 
-        return FileSource(uri)
+        return open_image(uri, bitmap=bitmap, fmt=image_format)
     if scheme in NBD_SCHEMES:
         from snapferry.engine.sources.nbd import NbdSource  # written by the NBD engineer
 

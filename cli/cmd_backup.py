@@ -1,0 +1,210 @@
+"""``snapferry backup``: back up a disk image, an NBD export or a VM.
+
+VM sources (``qemu+unix://``, ``vsphere://``, ``libvirt://``, ``lab``) go to
+``snapferry.cli.vm`` (passed in by ``main`` as ``vm_backup``); images and NBD exports are
+handled here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snapferry.cli.common import epilog, non_negative_int, open_repo, sigterm_as_interrupt
+from snapferry.cli.output import emit_json, human_bytes, make_progress
+from snapferry.engine.errors import UsageError
+
+FILE_DISK_NAME = "disk"
+HELP = "back up a disk image, an NBD export or a VM"
+EXAMPLES = """
+  snapferry backup vm1.qcow2 --repo /backup/repo          # read as the disk it holds
+  snapferry backup /dev/vg0/data --name data
+  snapferry backup 'nbd+unix:///?socket=/run/disk.sock' --name disk1 --bitmap b0
+  snapferry backup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'
+  snapferry backup lab --mode full --json
+"""
+NOTES = """sources:
+  disk.raw, vm.qcow2, /dev/vg/lv     an image file (any format qemu-img knows) or device
+  nbd://HOST[:PORT]/EXPORT           an NBD export (also nbds://, nbd+unix:///?socket=)
+  qemu+unix:///QMP?agent=QGA         a running QEMU VM: its QMP socket and guest agent
+  vsphere://USER@HOST/VM             a vSphere VM (docs/VSPHERE.md)
+  libvirt:///system/DOMAIN           a libvirt domain (also qemu:///system/DOMAIN)
+  lab                                the lab VM (snapferry lab up)"""
+
+VmBackup = Callable[[argparse.Namespace], int]
+_vm_backup: VmBackup | None = None
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], vm_backup: VmBackup | None
+) -> None:
+    global _vm_backup
+    _vm_backup = vm_backup
+    p = sub.add_parser("backup", help=HELP, description=HELP + ".",
+                       epilog=epilog(EXAMPLES, NOTES))
+    p.add_argument("source", metavar="SOURCE",
+                   help="what to back up: an image, a device, an NBD URI or a VM (below)")
+    p.add_argument("--name", help="the series the restore points are filed under "
+                                  "(default: the file or export name; the VM's name)")
+    p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
+                   help="reader worker processes (default: 0, one per CPU)")
+    p.add_argument("--verify", choices=("full", "quick"), default="full",
+                   help="pre-commit check: full re-reads new chunks, quick checks headers")
+    p.add_argument("--bitmap", metavar="NAME",
+                   help="NBD or qcow2 image: the dirty bitmap an incremental reads")
+    p.add_argument("--source-format", metavar="FMT", default=None,
+                   help="image files: the format (raw, qcow2, ...; default: probed with "
+                        "qemu-img)")
+    p.add_argument("--parent", metavar="BACKUP_ID",
+                   help="chain to this restore point (default: the latest of the series)")
+    p.add_argument("--mode", choices=("auto", "full", "incremental"), default="auto",
+                   help="auto: incremental when possible; full: read everything; "
+                        "incremental: fail if it cannot be one")
+    p.add_argument("--quiesce", choices=("required", "preferred", "off"), default="preferred",
+                   help="VM sources: guest filesystem freeze policy")
+    p.add_argument("--retries", type=non_negative_int, default=1, metavar="N",
+                   help="VM sources: quiesce retries")
+    p.add_argument("--qemu-strategy", choices=("overlay", "fleecing"), default="overlay",
+                   help="QEMU: overlay + block-commit, or fleecing (copy-before-write, no "
+                        "commit phase)")
+    p.add_argument("--vddk-libdir", metavar="DIR", help="vSphere: VDDK library directory")
+    p.add_argument("--transport", choices=("vddk", "nbd"), default=None,
+                   help="vSphere: read disks through VDDK or nbdkit's vddk plugin "
+                        "(default: the URI's transport=, else vddk)")
+    p.add_argument("--vddk-transports", metavar="MODES",
+                   help="vSphere: VDDK transport modes, e.g. nbdssl:nbd or hotadd:nbdssl")
+    p.add_argument("--nbd-uri", metavar="URI",
+                   help="vSphere --transport nbd: the nbdkit vddk export per disk; may use "
+                        "{disk} {index} {file} {snapshot} {vm}")
+    p.set_defaults(func=run)
+
+
+def source_kind(source: str) -> str:
+    """``vm`` (through the coordinator), ``nbd``, ``file`` or ``other``."""
+    from snapferry.engine.sources import NBD_SCHEMES, scheme_of
+    from snapferry.engine.targets import is_vm_target
+
+    if source == "lab" or is_vm_target(source):  # the lab: resolved by cli/vm.py
+        return "vm"
+    scheme = scheme_of(source)
+    if scheme is None:
+        return "file"
+    if scheme in NBD_SCHEMES:
+        return "nbd"
+    return "other"
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = source_kind(args.source)
+    if args.parent:
+        from snapferry.engine.restore_point_ref import resolve_restore_point
+
+        args.parent = resolve_restore_point(open_repo(args), args.parent)
+    if kind == "vm":
+        if _vm_backup is None:
+            raise UsageError(f"VM sources ({args.source}) are not available in this build")
+        return int(_vm_backup(args))
+    if args.source_format is not None and kind != "file":
+        raise UsageError("--source-format is for image files, not NBD exports")
+    from snapferry.engine.sources import open_source
+
+    repo = open_repo(args)
+    progress = make_progress(args.json)
+    with sigterm_as_interrupt():
+        src = open_source(args.source, bitmap=args.bitmap, image_format=args.source_format)
+        try:
+            desc = src.describe()
+            result = backup_plain(repo, args, src, kind, progress)
+        finally:
+            progress.finish()  # clear the bar before any error line
+            src.close()
+    if args.json:
+        doc = result.to_json()
+        doc["repository"] = str(repo.path)
+        doc.setdefault("quiesced", None)
+        doc.setdefault("freeze_ms", None)
+        doc.setdefault("warnings", [])
+        emit_json(doc)
+    else:
+        print(summary(result, desc))
+    return 0
+
+
+def summary(result: Any, desc: dict[str, Any] | None = None) -> str:
+    """The human summary of a file or NBD backup: one line, plus one per disk beyond one."""
+    disks = result.disks
+    what = f" ({desc['format']} image)" if desc and desc.get("kind") == "image" else ""
+    head = f"{result.mode} backup {result.backup_id} of {result.vm}{what}"
+    if len(disks) == 1:
+        d = disks[0]
+        return (
+            f"{head}: read {human_bytes(d.bytes_read)} of {human_bytes(d.virtual_size)}, "
+            f"stored {human_bytes(d.bytes_stored)} ({d.chunks_new} new, {d.chunks_reused} "
+            f"reused chunks) in {result.seconds:.1f} s"
+            + (f" [full: {d.full_reason}]" if d.full_reason else "")
+        )
+    lines = [f"{head} in {result.seconds:.1f} s"]
+    for d in disks:
+        lines.append(
+            f"  {d.name}: read {human_bytes(d.bytes_read)} of {human_bytes(d.virtual_size)}, "
+            f"stored {human_bytes(d.bytes_stored)} ({d.chunks_new} new, "
+            f"{d.chunks_reused} reused chunks)"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning of a plain (file / NBD) backup. Moved verbatim from cli/main.py; the plan
+# branch (issue 8 part 3) moves it into snapferry.engine.planning: at merge, replace
+# backup_plain's body with its call and delete default_name/plan_plain_disk below.
+# ---------------------------------------------------------------------------------------
+
+
+def backup_plain(repo: Any, args: argparse.Namespace, src: Any, kind: str, progress: Any) -> Any:
+    from snapferry.engine.backup import BackupOptions, run_backup
+
+    name = args.name or default_name(args.source, src.describe())
+    options = BackupOptions(
+        workers=args.workers,
+        verify=args.verify,
+        parent=args.parent,
+        progress=progress,
+        no_parent=args.mode == "full",
+    )
+    disk = plan_plain_disk(repo, name, src, args)
+    consistency = "n/a" if kind == "file" else "crash"
+    return run_backup(repo, name, [disk], options, consistency=consistency)
+
+
+def default_name(source: str, desc: dict[str, Any]) -> str:
+    if desc.get("kind") in ("file", "image"):
+        return Path(source).name or "disk"
+    export = desc.get("export")
+    return str(export) if export else "nbd"
+
+
+def plan_plain_disk(repo: Any, name: str, src: Any, args: argparse.Namespace) -> Any:
+    """The ``DiskInput`` of a file or NBD backup: a dirty-bitmap incremental when
+    ``--bitmap`` is given and a parent exists, else a full read of allocated data."""
+    from snapferry.engine.backup import DiskInput
+
+    parent = None
+    if args.mode != "full":
+        parent = repo.load_manifest(args.parent) if args.parent else repo.latest(name)
+        if args.mode == "incremental" and parent is None:
+            raise UsageError(
+                f"--mode incremental needs an earlier restore point of {name!r}: "
+                "run a full backup first"
+            )
+    if args.bitmap is None:
+        return DiskInput(name=FILE_DISK_NAME, source=src)
+    tracking = {"bitmap": args.bitmap}
+    if parent is None or FILE_DISK_NAME not in parent.disk_names:
+        reason = None if parent is None and args.mode != "full" else "full backup asked for"
+        if parent is None and args.mode != "full":
+            reason = "no earlier restore point to chain to"
+        return DiskInput(name=FILE_DISK_NAME, source=src, tracking=tracking, full_reason=reason)
+    changed = [(e.offset, e.length) for e in src.extents(0, src.size, dirty=True) if e.dirty]
+    return DiskInput(name=FILE_DISK_NAME, source=src, changed=changed, tracking=tracking)
