@@ -98,7 +98,7 @@ def source_kind(source: str) -> str:
     from snapferry.engine.sources import NBD_SCHEMES, scheme_of
     from snapferry.engine.targets import is_vm_target
 
-    if is_vm_target(source):
+    if source == "lab" or is_vm_target(source):  # the lab: resolved by cli/vm.py
         return "vm"
     scheme = scheme_of(source)
     if scheme is None:

@@ -36,7 +36,12 @@ def backup_vm(args: argparse.Namespace) -> int:
         ),
         progress=progress,
     )
-    hv = open_hypervisor(args.source, topts)
+    source = args.source
+    if source == "lab":  # the lab is no engine target: the CLI resolves it
+        from snapferry.lab.vm import lab_target
+
+        source, topts.work_dir = lab_target()
+    hv = open_hypervisor(source, topts)
     try:
         result = run(
             hv,
@@ -75,6 +80,18 @@ def backup_vm(args: argparse.Namespace) -> int:
 
 
 def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "cleanup", help="clear what an interrupted backup left on a VM "
+                        "(thaw, merge overlays, drop exports and stray bitmaps)",
+        description="Bring a QEMU VM back to its base disks, thawed, with no snapferry "
+                    "export, block job, lock or stray bitmap, after a backup process was "
+                    "killed. Overlay files holding guest writes are kept and reported.",
+        epilog="examples:\n  snapferry cleanup lab\n"
+               "  snapferry cleanup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'")
+    p.add_argument("source", metavar="VM", help="qemu+unix:///QMP?agent=QGA | lab")
+    p.set_defaults(func=cmd_cleanup)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("lab", help="the lab VM: a small live guest with qemu-guest-agent")
     p.add_argument("action", choices=("up", "down", "status", "write", "read"))
     p.add_argument("path", nargs="?", metavar="GUEST_PATH", help="write/read: file in the guest")
@@ -91,8 +108,36 @@ def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from snapferry.engine.hypervisor import Recoverable
+    from snapferry.engine.targets import TargetOptions, open_hypervisor
+
+    # the fleecing flavour clears both strategies' leftovers (overlays and fleece nodes)
+    topts = TargetOptions(qemu_strategy="fleecing", progress=make_progress(True))
+    source = args.source
+    if source == "lab":
+        from snapferry.lab.vm import lab_target
+
+        source, topts.work_dir = lab_target()
+    hv = open_hypervisor(source, topts)
+    try:
+        if not isinstance(hv, Recoverable):
+            raise UsageError(f"cleanup is not supported for {args.source!r} (QEMU VMs only)")
+        done = hv.recover()
+    finally:
+        hv.close()
+    if args.json:
+        emit_json({"vm": args.source, "actions": done, "clean": True})
+    else:
+        for line in done:
+            print(f"  {line}")
+        print(f"{args.source}: on its base disks, thawed, no snapferry export, job or "
+              f"stray bitmap" + ("" if done else " (nothing to clean up)"))
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
-    from snapferry.engine.qemu import lab
+    from snapferry.lab import vm as lab
 
     if args.action == "up":
         vm = lab.lab_up(disks=args.disks, disk_size=args.disk_size)
@@ -136,7 +181,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from snapferry.engine.demo import run_demo
+    from snapferry.lab.demo import run_demo
 
     progress = make_progress(args.json)
 

@@ -270,7 +270,9 @@ class BackupSession:
             chunk_size=cs,
             item_bytes=max(cs, self.options.item_bytes),
         )
-        workers = self.options.workers or len(os.sched_getaffinity(0)) or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
+        # more readers than 4 per CPU only cost memory and connections: cap the request
+        workers = min(self.options.workers or cpus, 4 * cpus)
         for d in disks:
             limit = getattr(d.source, "max_connections", None)
             if isinstance(limit, int) and limit > 0:

@@ -1,6 +1,6 @@
 """The backup coordinator: one VM through the lifecycle of DESIGN.md section 1.
 
-request → quiesce → snapshot → thaw → copy → verify → commit → relock → judge.
+request → quiesce → snapshot → thaw → copy → verify → merge → check on base → judge.
 
 The coordinator owns the policy (quiesce required/preferred/off, retries, full vs
 incremental) and the hard rule: whatever fails, ``Hypervisor.cleanup()`` runs in a
@@ -11,7 +11,6 @@ step up to relock succeeded, so the repository only ever holds complete restore 
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
 
+from snapferry.engine import faults
 from snapferry.engine.backup import BackupOptions, BackupResult, BackupSession
 from snapferry.engine.errors import BackupAborted, HypervisorError, QuiesceError
 from snapferry.engine.hypervisor import BackupMode, Hypervisor, ParentDisk
@@ -38,27 +38,6 @@ from snapferry.engine.store.manifest import Manifest
 from snapferry.engine.store.repo import Repository
 
 QuiescePolicy = Literal["required", "preferred", "off"]
-
-FAULT_ENV = "SNAPFERRY_TEST_FAULT"
-FAULT_PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "commit")
-
-
-def _test_fault(phase: str) -> None:
-    """TEST-ONLY fault injection, never set in production.
-
-    ``SNAPFERRY_TEST_FAULT=<phase>:<action>`` fires right after lifecycle step ``phase``
-    (one of ``FAULT_PHASES``) has finished: ``sigint`` / ``sigterm`` send that signal
-    to this process, ``raise`` raises a ``HypervisorError``. Unset: does nothing.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or spec.partition(":")[0] != phase:
-        return
-    action = spec.partition(":")[2]
-    if action in ("sigint", "sigterm"):
-        os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
-    elif action == "raise":
-        raise HypervisorError(f"test fault injected after {phase}")
-
 
 @dataclass
 class VmBackupOptions:
@@ -224,11 +203,11 @@ def _one_attempt(
                 progress.note("quiesce: freezing guest filesystems")
                 frozen_count = hv.quiesce()
                 quiesced = True
-                _test_fault("quiesce")
+                faults.fire("after-quiesce")
             t0 = time.monotonic()
             hv.snapshot(options.mode, parents)
             mark("snapshot", t0)
-            _test_fault("snapshot")
+            faults.fire("after-snapshot")
             if quiesced:
                 thawed = hv.thaw()
                 freeze_ms = round((time.monotonic() - t_freeze) * 1000.0, 1)
@@ -238,11 +217,11 @@ def _one_attempt(
                         "the freeze did not hold"
                     )
                 consistency = "filesystem"
-                _test_fault("thaw")
+                faults.fire("after-thaw")
             t0 = time.monotonic()
             plans = hv.export(options.mode, parents)
             mark("export", t0)
-            _test_fault("export")
+            faults.fire("after-export")
             disks, disk_warnings = review_disks(parent, from_plans(plans))
             check_incremental(options.mode, disks, parent)
             for w in disk_warnings:
@@ -265,17 +244,17 @@ def _one_attempt(
             session.copy(disks)
             warnings.extend(session.warnings)  # already shown (the CBT audit)
             mark("copy", t0)
-            _test_fault("copy")
+            faults.fire("after-copy")
             t0 = time.monotonic()
             session.verify()
             mark("verify", t0)
-            _test_fault("verify")
+            faults.fire("after-verify")
             t0 = time.monotonic()
-            progress.note("commit: handing the disks back to the VM")
-            hv.commit()
+            progress.note("merge: handing the disks back to the VM")
+            hv.merge_overlay()
             committed = True
-            _test_fault("commit")
-            hv.relock()
+            faults.fire("after-merge")
+            hv.check_on_base()
             mark("commit", t0)
             result = session.commit(
                 consistency=consistency,

@@ -8,7 +8,7 @@ the restore point's consistency label are decided by the coordinator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from snapferry.engine.source import DiskSource
 
@@ -77,12 +77,15 @@ class Hypervisor(Protocol):
         """Make the point-in-time disks readable from outside; say what to copy."""
         ...
 
-    def commit(self) -> None:
-        """Merge writes recorded during the backup back into the base disks."""
+    def merge_overlay(self) -> None:
+        """Merge the writes recorded during the backup (the overlay, the vSphere
+        snapshot's delta) back into the base disks. Not the writing of a restore point:
+        that is ``BackupSession.commit``."""
         ...
 
-    def relock(self) -> None:
-        """Confirm the VM runs read-write on its base disks again."""
+    def check_on_base(self) -> None:
+        """Check (it locks nothing) that the VM runs read-write on its base disks again;
+        raise ``HypervisorError`` if not."""
         ...
 
     def finalize(self, success: bool) -> None:
@@ -97,3 +100,14 @@ class Hypervisor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Recoverable(Protocol):
+    """A backend that can clear what an interrupted backup left on a VM from a fresh
+    process (``snapferry cleanup VM``)."""
+
+    def recover(self) -> list[str]:
+        """Bring the VM back to its base disks, thawed, with nothing of snapferry's left
+        attached; return what was found and done, one line each."""
+        ...

@@ -20,10 +20,7 @@ wrote: trailer, CRC, zstd, id, BLAKE3).
 Signals: workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group); the
 parent decides and kills them. A worker that dies is reported as one ``SnapferryError``.
 
-Test-only hooks (read by workers from the environment, never set in production):
-``SNAPFERRY_TEST_KILL_WORKER_AFTER=N`` — a worker SIGKILLs itself after N chunks;
-``SNAPFERRY_TEST_STALL_AFTER=N`` with ``SNAPFERRY_TEST_STALL_FILE=PATH`` — a worker
-creates PATH and sleeps forever after N chunks (to deliver Ctrl-C mid-copy in tests).
+Test-only fault points (``worker-kill``, ``worker-stall``) live in ``snapferry.engine.faults``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing as mp
-import os
 import resource
 import signal
 import sys
@@ -48,6 +44,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from snapferry.engine.errors import CorruptionError, SnapferryError
+from snapferry.engine.faults import worker_faults
 from snapferry.engine.source import DiskSource, SourceSpec
 from snapferry.engine.store.chunks import ChunkWriter, ChunkWriterSpec, verify_pack
 from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
@@ -56,9 +53,6 @@ from snapferry.engine.store.pack import WrittenObjects
 DEFAULT_ITEM_BYTES = 8 << 20
 WINDOW = 2  # work items in flight per worker (one being processed, one queued)
 VERIFY_ITEM_CHUNKS = 64
-KILL_AFTER_ENV = "SNAPFERRY_TEST_KILL_WORKER_AFTER"
-STALL_AFTER_ENV = "SNAPFERRY_TEST_STALL_AFTER"
-STALL_FILE_ENV = "SNAPFERRY_TEST_STALL_FILE"
 
 Run = tuple[int, int]  # (first chunk index, number of chunks)
 
@@ -205,8 +199,7 @@ class _Worker:
         self.buf = bytearray(max(cfg.item_bytes, cfg.chunk_size))
         self.mv = memoryview(self.buf)
         self.done_chunks = 0
-        self.kill_after = _env_int(KILL_AFTER_ENV)
-        self.stall_after = _env_int(STALL_AFTER_ENV)
+        self.faults = worker_faults()
 
     def source(self, disk: int) -> DiskSource:
         src = self.sources.get(disk)
@@ -222,17 +215,6 @@ class _Worker:
         self.sources.clear()
         with contextlib.suppress(Exception):
             self.writer.close()
-
-    def _test_hooks(self) -> None:
-        if self.kill_after is not None and self.done_chunks >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.stall_after is not None and self.done_chunks >= self.stall_after:
-            path = os.environ.get(STALL_FILE_ENV)
-            if path:
-                with open(path, "a") as f:
-                    f.write(f"{os.getpid()}\n")
-            while True:
-                time.sleep(3600)
 
     def copy(self, item: WorkItem) -> BatchResult:
         cs = self.cfg.chunk_size
@@ -251,7 +233,7 @@ class _Worker:
         store = self.writer.store
         seed = self.cfg.seed
         mv = self.mv
-        hooks = self.kill_after is not None or self.stall_after is not None
+        hooks = self.faults.any
         for first, count in item.runs:
             c = first
             end_chunk = first + count
@@ -262,7 +244,7 @@ class _Worker:
                 if length <= 0:
                     raise SnapferryError(f"chunk {c} lies beyond the end of disk {item.disk}")
                 if hooks:
-                    self._test_hooks()
+                    self.faults.check(self.done_chunks)
                 src.readinto(mv[:length], off)
                 bytes_read += length
                 chunks[k : k + take] = np.arange(c, c + take, dtype=np.int64)
@@ -310,16 +292,6 @@ class _Worker:
         raise ValueError(f"unknown request {req!r}")
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if not v:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        return None
-
-
 def _peak_rss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
@@ -347,8 +319,12 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
                 conn.send(Ok(msg.tag, w.handle(msg.request)))
             except SnapferryError as e:
                 conn.send(Failed(msg.tag, e))
+            except (BrokenPipeError, ConnectionResetError):
+                raise  # the parent is gone: below
             except Exception as e:
                 conn.send(Bug(msg.tag, f"{type(e).__name__}: {e}", traceback.format_exc()))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent died (killed backup): an orphan leaves quietly, no traceback
     finally:
         w.close()
 

@@ -2,7 +2,6 @@
 
 Accepted forms:
 - ``qemu+unix:///PATH/qmp.sock?agent=/PATH/qga.sock[&name=NAME]`` — a running QEMU VM.
-- ``lab`` — the lab VM (``snapferry lab up``).
 - ``vsphere://USER@HOST[:PORT]/VM_NAME_OR_MOREF?thumbprint=...`` — a vSphere VM.
 - ``libvirt:///system/DOMAIN``, ``qemu:///system/DOMAIN``, ``qemu+ssh://HOST/system/DOMAIN``
   — a libvirt domain (``snapferry.engine.libvirt.uri``).
@@ -10,22 +9,26 @@ Accepted forms:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.hypervisor import Hypervisor
 from snapferry.engine.libvirt.uri import LIBVIRT_SCHEMES
 from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.sources import split_uri
 
 VM_SCHEMES = ("qemu+unix", "vsphere", *LIBVIRT_SCHEMES)
 
 
 def is_vm_target(source: str) -> bool:
-    return source == "lab" or urlsplit(source).scheme in VM_SCHEMES
+    """A SOURCE string naming a VM (backed up through the coordinator). The CLI's own
+    ``lab`` target is resolved by the CLI, not here."""
+    return "://" in source and split_uri(source).scheme.lower() in VM_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class QemuTarget:
 
 
 def parse_qemu_uri(uri: str) -> QemuTarget:
-    parts = urlsplit(uri)
+    parts = split_uri(uri)
     if parts.scheme != "qemu+unix" or not parts.path:
         raise UsageError(
             f"not a QEMU target: {uri!r} (expected qemu+unix:///PATH/qmp.sock?agent=PATH)"
@@ -78,24 +81,16 @@ class TargetOptions:
     qemu_strategy: str = "overlay"  # "overlay" (snapshot + block-commit) | "fleecing"
     vsphere: VsphereCliOptions = field(default_factory=VsphereCliOptions)
     progress: Progress = field(default_factory=NullProgress)
+    work_dir: Path | None = None  # QEMU: overlays + crash state; default per QMP socket
 
 
 def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hypervisor:
     """The backend for ``source`` (see the module doc); raises UsageError otherwise."""
     opts = options or TargetOptions()
-    if source == "lab":
-        from snapferry.engine.qemu.lab import lab_info
-
-        info = lab_info()
-        return _qemu(
-            QemuTarget(info["qmp_socket"], info["agent_socket"], "lab"),
-            Path(info["lab_dir"]) / "work",
-            opts,
-        )
-    scheme = urlsplit(source).scheme
+    scheme = split_uri(source).scheme
     if scheme == "qemu+unix":
         t = parse_qemu_uri(source)
-        return _qemu(t, work_dir_for(t.qmp_socket), opts)
+        return _qemu(t, opts.work_dir or work_dir_for(t.qmp_socket), opts)
     if scheme == "vsphere":
         return _vsphere(source, opts)
     if scheme in LIBVIRT_SCHEMES:
@@ -142,6 +137,11 @@ def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:
     target = parse_vsphere_uri(source)
     vo = opts.vsphere
     transport = vo.transport or target.transport or "vddk"
+    if transport not in ("vddk", "nbd"):
+        raise UsageError(f"unknown vSphere transport {transport!r}: vddk or nbd")
+    # the command line's --transport wins over the URI's transport= (the backend reads
+    # the target's)
+    target = dataclasses.replace(target, transport="nbd" if transport == "nbd" else "vddk")
     if transport == "nbd" and not vo.nbd_uri:
         raise UsageError(
             "--transport nbd needs --nbd-uri (the nbdkit vddk export, e.g. "

@@ -9,6 +9,6 @@ root=.venv/typing-root
 mkdir -p "$root/snapferry"
 here=$(pwd)
 for f in __init__.py __main__.py; do ln -sfn "$here/pkgroot/$f" "$root/snapferry/$f"; done
-for d in engine native cli; do ln -sfn "$here/$d" "$root/snapferry/$d"; done
-.venv/bin/ruff check engine native cli pkgroot tests bench
+for d in engine native cli lab; do ln -sfn "$here/$d" "$root/snapferry/$d"; done
+.venv/bin/ruff check engine native cli lab pkgroot tests bench
 MYPYPATH=$root .venv/bin/mypy -p snapferry

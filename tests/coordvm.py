@@ -24,14 +24,14 @@ from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup
 from snapferry.engine.errors import SourceError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.qemu import labcheck
 from snapferry.engine.qemu.agent import AgentError, GuestAgent
 from snapferry.engine.qemu.backend import QemuHypervisor, SourceOpener, default_source_opener
-from snapferry.engine.qemu.lab import LabVm, lab_write
 from snapferry.engine.restore import restore
 from snapferry.engine.source import DiskSource, Extent, SourceSpec
 from snapferry.engine.store.repo import Repository
 from snapferry.engine.targets import work_dir_for
+from snapferry.lab import check as labcheck
+from snapferry.lab.vm import LabVm, lab_write
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPFERRY = ROOT / ".venv" / "bin" / "snapferry"
@@ -128,7 +128,7 @@ def count_backups(repo: Repository) -> int:
 def after_fault(vm: LabVm, work: Path, repo: Repository, before: int) -> VmBackupResult:
     """The checks every fault test ends with: the VM is clean, the failed backup left no
     restore point, and the next backup succeeds (and is complete and restorable)."""
-    assert_vm_clean(vm, work)
+    assert_vm_clean(vm, work, unlocked=True)
     assert count_backups(repo) == before, "a failed backup left a restore point"
     marker = write_known(vm, f"after-fault-{os.getpid()}-{before}", 1, 4096)
     r = run(vm, work, repo)

@@ -27,9 +27,9 @@ import pytest
 
 from snapferry.engine.qemu.agent import GuestAgent
 from snapferry.engine.qemu.backend import OVERLAY_SUFFIX
-from snapferry.engine.qemu.lab import LabVm, lab_down, lab_up
 from snapferry.engine.qemu.qmp import Qmp
 from snapferry.engine.source import Extent
+from snapferry.lab.vm import LabVm, lab_down, lab_up
 
 LAB_DISKS = 2
 LAB_DISK_SIZE = "32M"
@@ -141,8 +141,10 @@ def bitmaps(vm: LabVm, node: str = "lab-disk0") -> dict[str, dict[str, Any]]:
         q.close()
 
 
-def assert_vm_clean(vm: LabVm, work_dir: Path) -> None:
-    """The lifecycle's hard rule: running, thawed, on the base disks, nothing left over."""
+def assert_vm_clean(vm: LabVm, work_dir: Path, *, unlocked: bool = False) -> None:
+    """The lifecycle's hard rule: running, thawed, on the base disks, nothing left over
+    (no overlay, export, job or ``sf-*`` node). With ``unlocked``, also no backup lock
+    (once every backend object of the backup was closed)."""
     q = control(vm)
     try:
         assert q.cmd("query-status")["status"] == "running"
@@ -158,6 +160,9 @@ def assert_vm_clean(vm: LabVm, work_dir: Path) -> None:
         assert q.cmd("query-block-jobs") == []
         names = {n["node-name"] for n in q.cmd("query-named-block-nodes", {"flat": True})}
         assert not any(n.startswith("sf-") for n in names), names
+        if unlocked:
+            objects = {o["name"] for o in q.cmd("qom-list", {"path": "/objects"})}
+            assert "sf-lock" not in objects, "the VM's backup lock was left held"
     finally:
         q.close()
     assert list(work_dir.glob(f"*{OVERLAY_SUFFIX}")) == []

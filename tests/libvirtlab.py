@@ -281,7 +281,7 @@ def lv_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvDomain]:
         pytest.skip(f"libvirt lab unavailable: {why}")
     import libvirt
 
-    from snapferry.engine.qemu.initramfs import build_initramfs
+    from snapferry.lab.initramfs import build_initramfs
 
     libvirt.registerErrorHandler(lambda _c, _e: None, None)  # errors are raised, not printed
 

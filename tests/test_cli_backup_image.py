@@ -127,7 +127,7 @@ def _stalled_backup(image: Path, repo: Path, tmp_path: Path,
     from conftest import cli_env, snapferry_exe
 
     stall = tmp_path / "stall.pids"
-    env = cli_env(SNAPFERRY_TEST_STALL_AFTER="2", SNAPFERRY_TEST_STALL_FILE=str(stall))
+    env = cli_env(SNAPFERRY_FAULT=f"worker-stall=2@{stall}")
     p = subprocess.Popen([*snapferry_exe(), "backup", str(image), "--repo", str(repo)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)

@@ -5,8 +5,8 @@ failed backup, earlier restore points intact (``verify --read-data`` and a resto
 and the next backup succeeds.
 
 Worker faults use real processes: a worker SIGKILLed from outside, or by the test-only
-hook ``SNAPFERRY_TEST_KILL_WORKER_AFTER``; Ctrl-C and SIGTERM are real signals sent
-while a worker is held by the test-only hook ``SNAPFERRY_TEST_STALL_AFTER``. Disk full
+fault point ``worker-kill`` (``snapferry.engine.faults``); Ctrl-C and SIGTERM are real
+signals sent while a worker is held by the fault point ``worker-stall``. Disk full
 is a real tiny tmpfs (root) or, without root, RLIMIT_FSIZE (EFBIG) on the process.
 """
 
@@ -33,6 +33,9 @@ from conftest import (
     small_tmpfs,
     snapferry_exe,
 )
+
+from snapferry.engine import faults
+from snapferry.engine.faults import FAULT_ENV
 
 
 def first_backup(repo: Path, image: Path) -> str:
@@ -136,7 +139,7 @@ def test_worker_killed_by_hook(repo: Path, mixed_image: Path, tmp_path: Path) ->
     shutil.copyfile(mixed_image, changed)
     imagegen.rewrite_blocks(changed, 0.2, seed=1)  # new chunks to write
     p = run_cli("backup", changed, "--repo", repo, "--name", mixed_image.name,
-                env=cli_env(SNAPFERRY_TEST_KILL_WORKER_AFTER="6"))
+                env=cli_env(**{FAULT_ENV: faults.spec(worker_kill="6")}))
     line = assert_one_line_error(p, code=1)
     assert "reader worker" in line and "SIGKILL" in line and "nothing was committed" in line
     no_failed_manifest(repo)
@@ -148,7 +151,7 @@ def start_stalled_backup(
 ) -> tuple[subprocess.Popen[str], list[int]]:
     """A backup whose workers block after 4 chunks; returns it once a worker is held."""
     stall = tmp_path / "stall.pids"
-    env = cli_env(SNAPFERRY_TEST_STALL_AFTER="4", SNAPFERRY_TEST_STALL_FILE=str(stall))
+    env = cli_env(**{FAULT_ENV: faults.spec(worker_stall=f"4@{stall}")})
     p = subprocess.Popen(
         [*snapferry_exe(), "backup", str(image), "--repo", str(repo), "--name", "stalled"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -139,7 +139,7 @@ def test_sizes_choose_their_unit_per_value() -> None:
 
 def test_demo_summary_uses_the_unit_chooser() -> None:
     """Finding: the demo printed "stored 0.0 MiB" for 16 KiB."""
-    from snapferry.engine.demo import DemoReport, DemoStep
+    from snapferry.lab.demo import DemoReport, DemoStep
 
     r = DemoReport(accel="tcg", boot_seconds=1.0, repo="/r", seconds=9.0)
     r.steps.append(DemoStep("incremental", "id", "incremental", "filesystem", 80.0, 0.4,

@@ -13,8 +13,8 @@ import pytest
 from coordvm import CHUNK, check_restore_point, cli, count_backups, vm_work_dir, write_known
 from labvm import assert_vm_clean, lab_vm
 
-from snapferry.engine.qemu.lab import LabVm
 from snapferry.engine.store.repo import Repository
+from snapferry.lab.vm import LabVm
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest

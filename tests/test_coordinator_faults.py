@@ -9,7 +9,7 @@ refusing the commit because another job holds the base node, the QMP connection
 closed, signals sent to a real ``snapferry backup`` process, a guest frozen by someone
 else, a foreign overlay. Two fault points need a hook: a reader that fails after N reads
 (``coordvm.FlakySource`` wraps the real NBD client at the ``DiskSource`` seam) and
-signals at a given lifecycle step (the coordinator's test-only ``SNAPFERRY_TEST_FAULT``).
+signals at a given lifecycle step (the named fault points of ``snapferry.engine.faults``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from coordvm import (
 from labvm import assert_vm_clean, bitmaps, control, lab_vm, silent_agent  # noqa: F401
 from store_helpers import flip_blob
 
-from snapferry.engine.coordinator import FAULT_ENV, FAULT_PHASES
+from snapferry.engine import faults
 from snapferry.engine.errors import (
     CorruptionError,
     HypervisorError,
@@ -44,10 +44,11 @@ from snapferry.engine.errors import (
     SnapferryError,
     SourceError,
 )
+from snapferry.engine.faults import FAULT_ENV, PHASES
 from snapferry.engine.qemu.agent import GuestAgent
-from snapferry.engine.qemu.lab import LabVm, lab_fail_freeze, lab_write
 from snapferry.engine.store.repo import Repository
 from snapferry.engine.verify import verify_repo
+from snapferry.lab.vm import LabVm, lab_fail_freeze, lab_write
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
@@ -317,13 +318,13 @@ def shared(lab_vm: LabVm, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
-@pytest.mark.parametrize("phase", FAULT_PHASES)
+@pytest.mark.parametrize("phase", PHASES)
 def test_signal_at_each_step(lab_vm: LabVm, shared: tuple[Path, Repository], phase: str,
                              sig: str) -> None:
     work, repo = shared
     before = count_backups(repo)
     p = cli(["backup", lab_vm.uri, "--repo", str(repo.path), "--quiesce", "required",
-             "--workers", "1"], env_extra={FAULT_ENV: f"{phase}:{sig}"})
+             "--workers", "1"], env_extra={FAULT_ENV: faults.spec(**{f"after_{phase}": sig})})
     err = p.stderr.strip()
     print(f"{phase}:{sig} -> exit {p.returncode}: {err}")
     assert p.returncode == 130, (p.returncode, p.stdout, p.stderr)
@@ -333,9 +334,9 @@ def test_signal_at_each_step(lab_vm: LabVm, shared: tuple[Path, Repository], pha
     after_fault(lab_vm, work, repo, before)
 
 
-def test_failure_after_commit_keeps_every_write(lab_vm: LabVm, work: Path, repo: Repository,
+def test_failure_after_merge_keeps_every_write(lab_vm: LabVm, work: Path, repo: Repository,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """An incremental fails after its overlay was committed (test hook ``commit:raise``)
+    """An incremental fails after its overlay was merged (fault point ``after-merge``)
     while the guest wrote during the backup: no restore point, and the next incremental
     still holds that write (the round's bitmap was merged back into the parent's)."""
     before = count_backups(repo)
@@ -345,8 +346,8 @@ def test_failure_after_commit_keeps_every_write(lab_vm: LabVm, work: Path, repo:
         lab_write("/data0" + next(iter(during)), next(iter(during.values())),
                   lab_dir=lab_vm.lab_dir)
 
-    monkeypatch.setenv(FAULT_ENV, "commit:raise")
-    with pytest.raises(HypervisorError, match="test fault injected after commit"):
+    monkeypatch.setenv(FAULT_ENV, faults.spec(after_merge="raise"))
+    with pytest.raises(HypervisorError, match="test fault injected at after-merge"):
         run(lab_vm, work, repo, progress=HookProgress(on_start={"verify": guest_writes}))
     monkeypatch.delenv(FAULT_ENV)
     assert_vm_clean(lab_vm, work)

@@ -28,7 +28,7 @@ from labvm import assert_vm_clean, bitmaps, lab_vm
 
 from snapferry.engine.backup import merge_runs
 from snapferry.engine.qemu.agent import GuestAgent
-from snapferry.engine.qemu.lab import LabVm
+from snapferry.lab.vm import LabVm
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from labvm import lab_missing, lab_vm
 
-from snapferry.engine.qemu import labcheck
-from snapferry.engine.qemu.initramfs import MODULES, build_initramfs
-from snapferry.engine.qemu.lab import LabError, LabVm, lab_read, lab_status, lab_up, lab_write
+from snapferry.lab import check as labcheck
+from snapferry.lab.initramfs import MODULES, build_initramfs
+from snapferry.lab.vm import LabError, LabVm, lab_read, lab_status, lab_up, lab_write
 
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
 

@@ -37,9 +37,9 @@ from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
 from snapferry.engine.libvirt.backend import CHECKPOINT_PREFIX, LibvirtHypervisor, SourceOpener
 from snapferry.engine.libvirt.uri import parse_libvirt_uri
 from snapferry.engine.progress import Progress
-from snapferry.engine.qemu.initramfs import FAIL_FREEZE_FLAG
 from snapferry.engine.store.repo import Repository
 from snapferry.engine.targets import work_dir_for
+from snapferry.lab.initramfs import FAIL_FREEZE_FLAG
 
 AFFECT_LIVE = 1  # VIR_DOMAIN_AFFECT_LIVE
 

@@ -26,10 +26,10 @@ from labvm import (  # noqa: F401
 
 from snapferry.engine.errors import HypervisorError, QuiesceError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
-from snapferry.engine.qemu import labcheck
 from snapferry.engine.qemu.agent import GuestAgent
 from snapferry.engine.qemu.backend import QemuHypervisor
-from snapferry.engine.qemu.lab import LabVm, lab_down, lab_fail_freeze, lab_up, lab_write
+from snapferry.lab import check as labcheck
+from snapferry.lab.vm import LabVm, lab_down, lab_fail_freeze, lab_up, lab_write
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest
@@ -67,8 +67,8 @@ def full_round(h: QemuHypervisor, work: Path, tag: str, mode: BackupMode = "auto
     assert h.thaw() == n
     plans = h.export(mode, parents)
     raws = copy_all(plans, work, tag)
-    h.commit()
-    h.relock()
+    h.merge_overlay()
+    h.check_on_base()
     h.finalize(True)
     h.cleanup()
     return plans, raws
@@ -115,8 +115,8 @@ def test_full_then_incremental(lab_vm: LabVm, hv: QemuHypervisor, work: Path) ->
     assert ok, out
     assert labcheck.read_file(raw1["disk0"], "/marker.txt") == before
     assert "workload.log" in labcheck.list_dir(raw1["disk0"])
-    hv.commit()
-    hv.relock()
+    hv.merge_overlay()
+    hv.check_on_base()
     hv.finalize(True)
     hv.cleanup()
     assert_vm_clean(lab_vm, work)
@@ -199,7 +199,7 @@ def test_cleanup_after_each_step(lab_vm: LabVm, hv: QemuHypervisor, work: Path,
     if stop_after in ("export", "commit"):
         hv.export("incremental", parents)
     if stop_after == "commit":
-        hv.commit()
+        hv.merge_overlay()
     if stop_after not in ("quiesce", "snapshot"):  # the guest is thawed: it writes
         lab_write("/data0/during-failed-round.txt", b"must not be missed\n", lab_vm.lab_dir)
     hv.cleanup()  # no finalize: as after an exception in the coordinator
@@ -281,7 +281,7 @@ def test_commit_job_error(lab_vm: LabVm, hv: QemuHypervisor, work: Path) -> None
         q.cmd("blockdev-backup", {"job-id": "test-blocker", "device": "lab-disk0",
                                   "target": "test-null", "sync": "full", "speed": 1})
         with pytest.raises(HypervisorError, match=r"commit of disk disk0.*(busy|in use|job)") as ei:
-            hv.commit()
+            hv.merge_overlay()
         print("QEMU refused the commit:", ei.value)
         q.cmd("block-job-cancel", {"device": "test-blocker", "force": True})
         while q.cmd("query-block-jobs"):
@@ -337,8 +337,8 @@ def test_export_through_the_project_nbd_client(lab_vm: LabVm, work: Path) -> Non
             buf = bytearray(n)
             p0.source.readinto(memoryview(buf), off)
             assert buf == full[off:off + n]
-        h.commit()
-        h.relock()
+        h.merge_overlay()
+        h.check_on_base()
         h.finalize(True)
         h.cleanup()
     finally:

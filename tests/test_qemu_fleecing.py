@@ -43,8 +43,8 @@ from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk
 from snapferry.engine.progress import Progress
 from snapferry.engine.qemu.backend import QemuHypervisor, SourceOpener
 from snapferry.engine.qemu.fleecing import FLEECE_NODE_PREFIX, FLEECE_SUFFIX, QemuFleecingHypervisor
-from snapferry.engine.qemu.lab import LabVm, lab_write
 from snapferry.engine.store.repo import Repository
+from snapferry.lab.vm import LabVm, lab_write
 
 pytestmark = pytest.mark.vm
 __all__ = ["lab_vm"]  # the session fixture, imported for pytest

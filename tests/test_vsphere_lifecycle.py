@@ -118,10 +118,10 @@ def test_first_backup_enables_cbt_takes_quiesced_snapshot_and_removes_it(vcsim: 
             observe_vm(vcsim)["moref"],
         )
 
-        hv.commit()
+        hv.merge_overlay()
         assert observe_vm(vcsim)["snapshots"] == []
         assert plan.source.closed
-        hv.relock()
+        hv.check_on_base()
         hv.finalize(True)
         hv.cleanup()
         hv.cleanup()  # idempotent
@@ -226,15 +226,15 @@ def test_foreign_snapshot_is_allowed_said_and_kept(vcsim: Vcsim) -> None:
         assert names[0] == "before-upgrade"  # type: ignore[index]
         assert names[1].startswith(SNAPSHOT_PREFIX)  # type: ignore[index]
         hv.export("auto", {})
-        hv.commit()
-        hv.relock()
+        hv.merge_overlay()
+        hv.check_on_base()
     finally:
         hv.cleanup()
         hv.close()
     assert observe_vm(vcsim)["snapshots"] == ["before-upgrade"]
 
 
-STEPS = ["inspect", "quiesce", "snapshot", "thaw", "export", "commit", "relock"]
+STEPS = ["inspect", "quiesce", "snapshot", "thaw", "export", "merge", "check_on_base"]
 
 
 @pytest.mark.parametrize("fail_after", STEPS)
@@ -265,10 +265,10 @@ def test_cleanup_after_a_failure_at_each_step_leaves_no_snapshot(
                 step("thaw")
                 hv.export("auto", {})
                 step("export")
-                hv.commit()
-                step("commit")
-                hv.relock()
-                step("relock")
+                hv.merge_overlay()
+                step("merge")
+                hv.check_on_base()
+                step("check_on_base")
             finally:
                 hv.finalize(False)
                 hv.cleanup()

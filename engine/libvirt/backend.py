@@ -667,7 +667,7 @@ class LibvirtHypervisor:
                 s.close()
         self._sources = []
 
-    # -- commit / relock --------------------------------------------------------------
+    # -- merge_overlay (= end the backup job) / check_on_base -----------------------------
     def _end_job(self) -> None:
         """abortJob and wait until libvirt has no backup job (ours) any more."""
         lv = self._lv
@@ -720,12 +720,12 @@ class LibvirtHypervisor:
             f.unlink(missing_ok=True)
         self.nbd_socket.unlink(missing_ok=True)
 
-    def commit(self) -> None:
+    def merge_overlay(self) -> None:
         t0 = time.monotonic()
         self._end_job()
         self.stats["commit_s"] = time.monotonic() - t0
 
-    def relock(self) -> None:
+    def check_on_base(self) -> None:
         lv = self._lv
         dom = self._dom()
         state = dom.state()[0]

@@ -28,8 +28,13 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +52,13 @@ OVERLAY_NODE_PREFIX = "sf-ovl-"
 EXPORT_PREFIX = "sf-exp-"
 JOB_PREFIX = "sf-commit-"
 OVERLAY_SUFFIX = ".sf-overlay.qcow2"
+LOCK_ID = "sf-lock"  # an authz-simple object in QEMU: the per-VM backup lock
+FREEZE_LIMIT = 10.0  # seconds a guest may stay frozen before the watchdog thaws it
+WATCHDOG_LOG = "thaw-watchdog.log"
+
+# lock tokens of live QemuHypervisor objects of this process (a lock held under our own
+# pid by an object that is gone is stale; one held by a live object is not)
+_LIVE_LOCKS: weakref.WeakValueDictionary[str, QemuHypervisor] = weakref.WeakValueDictionary()
 
 SourceOpener = Callable[[str, str | None], DiskSource]
 
@@ -85,6 +97,67 @@ def _disk_name(entry: dict[str, Any], node: str) -> str:
     return node
 
 
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if gone:
+    tells a live lock holder from a new process that reused its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def overlay_holds_data(path: Path) -> bool | None:
+    """True if the qcow2 overlay ``path`` has any cluster allocated in itself (guest
+    writes not in its backing file), False if none, None if that cannot be told."""
+    try:
+        out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
+                              str(path)], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        entries = json.loads(out.stdout)
+    except ValueError:
+        return None
+    return any(e.get("depth") == 0 and (e.get("data") or e.get("zero")) for e in entries)
+
+
+class _Watchdog:
+    """The thaw watchdog process (``thaw_watchdog.py``) for one freeze window."""
+
+    def __init__(self, agent_socket: str, limit: float, log: Path) -> None:
+        script = Path(__file__).with_name("thaw_watchdog.py")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(script), agent_socket, f"{limit:g}", str(log)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as e:
+            raise HypervisorError(f"cannot start the thaw watchdog: {e}") from e
+
+    def release(self) -> None:
+        """The freeze window is over: the watchdog exits without touching the guest
+        (not waited for here: its exit is reaped by ``reap``, outside the window)."""
+        stdin = self.proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.write(b"done\n")
+                stdin.flush()
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def reap(self) -> None:
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _merge_ranges(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for off, length in ranges:
@@ -110,6 +183,7 @@ class QemuHypervisor:
         progress: Progress | None = None,
         commit_timeout: float = 3600.0,
         source_opener: SourceOpener | None = None,
+        freeze_limit: float = FREEZE_LIMIT,
     ) -> None:
         self.qmp_socket = qmp_socket
         self.agent_socket = agent_socket
@@ -127,6 +201,12 @@ class QemuHypervisor:
         self._sources: list[DiskSource] = []
         self._snapshotted = False
         self._finalized = False
+        self.freeze_limit = freeze_limit
+        self._watchdog: _Watchdog | None = None
+        self._released_watchdogs: list[_Watchdog] = []
+        self._log_size_at_freeze = 0
+        self._lock_token: str | None = None
+        self.actions: list[str] = []  # what cleanup found and did (for `snapferry cleanup`)
         self.stats: dict[str, float] = {}
 
     # -- persistent state (survives a crashed process) -------------------------------
@@ -158,6 +238,73 @@ class QemuHypervisor:
             path = Path(tempfile.gettempdir()) / f"snapferry-nbd-{digest}.sock"
         return path
 
+    # -- the per-VM lock (held in QEMU, so every monitor and repository sees it) --------
+    def _lock_holder(self) -> dict[str, Any] | None:
+        try:
+            text = self._qmp.cmd("qom-get", {"path": f"/objects/{LOCK_ID}",
+                                             "property": "identity"})
+        except QmpCommandError:
+            return None
+        try:
+            holder = json.loads(str(text))
+        except ValueError:
+            holder = None
+        return holder if isinstance(holder, dict) else {"raw": str(text)}
+
+    @staticmethod
+    def _holder_alive(h: dict[str, Any]) -> bool:
+        if h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
+            return True  # cannot tell from here: treat as held
+        if h["pid"] == os.getpid():
+            return h.get("token") in _LIVE_LOCKS
+        start = _proc_start(h["pid"])
+        return start is not None and start == h.get("start")
+
+    def lock(self) -> None:
+        """Take the VM's backup lock: an ``authz-simple`` object ``sf-lock`` in QEMU
+        (``object-add`` of a fixed id is an atomic create-if-absent) whose identity
+        names the holder. A holder that is gone (killed backup) is taken over; a live
+        one makes this refuse. Released by ``close()``; dies with the QEMU process."""
+        if self._lock_token is not None:
+            return
+        token = os.urandom(8).hex()
+        me = {"pid": os.getpid(), "start": _proc_start(os.getpid()),
+              "host": socket.gethostname(), "token": token, "tool": "snapferry"}
+        for _ in range(3):
+            try:
+                self._qmp.cmd("object-add", {"qom-type": "authz-simple", "id": LOCK_ID,
+                                             "identity": json.dumps(me)})
+                self._lock_token = token
+                _LIVE_LOCKS[token] = self
+                return
+            except QmpCommandError as e:
+                if "duplicate" not in e.desc and "exists" not in e.desc:
+                    raise HypervisorError(f"cannot take the VM's backup lock: {e.desc}") from e
+            holder = self._lock_holder()
+            if holder is None:
+                continue  # released meanwhile
+            if self._holder_alive(holder):
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if "pid" in holder \
+                    else "an unknown holder"
+                raise HypervisorError(
+                    f"the VM is being backed up or cleaned up by another snapferry process "
+                    f"({who}; QEMU object {LOCK_ID}): refusing to run a second one at once"
+                )
+            self.actions.append(f"took over the backup lock of dead pid {holder.get('pid')}")
+            with contextlib.suppress(QmpCommandError):
+                self._qmp.cmd("object-del", {"id": LOCK_ID})
+        raise HypervisorError("cannot take the VM's backup lock (it keeps changing hands)")
+
+    def unlock(self) -> None:
+        token, self._lock_token = self._lock_token, None
+        if token is None:
+            return
+        _LIVE_LOCKS.pop(token, None)
+        with contextlib.suppress(SnapferryError, OSError):
+            holder = self._lock_holder()
+            if holder is not None and holder.get("token") == token:
+                self._qmp.cmd("object-del", {"id": LOCK_ID})
+
     # -- agent ----------------------------------------------------------------------
     def _agent_conn(self, timeout: float | None = None) -> GuestAgent:
         if self.agent_socket is None:
@@ -183,20 +330,17 @@ class QemuHypervisor:
     def inspect(self) -> VmInfo:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._qmp.connect()
+        self.lock()
+        # Holding the lock, whatever snapferry state QEMU shows is an interrupted
+        # backup's: put it right first (merge overlays, drop exports, restore bitmaps).
+        errs: list[str] = []
+        self._cleanup_qemu(errs)
+        if errs:
+            raise HypervisorError("cannot clear an interrupted backup's leftovers: "
+                                  + "; ".join(errs))
+        for a in self.actions:
+            self.progress.note(f"leftover of an interrupted backup: {a}")
         blocks = self._qmp.cmd("query-block")
-        if any(
-            str(b.get("inserted", {}).get("node-name", "")).startswith(OVERLAY_NODE_PREFIX)
-            for b in blocks
-        ) or any(str(j.get("device", "")).startswith(JOB_PREFIX)
-                 for j in self._qmp.cmd("query-block-jobs")):
-            self.progress.note("leftover snapferry overlay from an interrupted backup: "
-                               "committing it first")
-            errs: list[str] = []
-            self._cleanup_qemu(errs)
-            if errs:
-                raise HypervisorError("cannot clear an interrupted backup's leftovers: "
-                                      + "; ".join(errs))
-            blocks = self._qmp.cmd("query-block")
         jobs = self._qmp.cmd("query-block-jobs")
         disks: list[_Disk] = []
         for entry in blocks:
@@ -272,20 +416,40 @@ class QemuHypervisor:
 
     # -- quiesce / thaw ------------------------------------------------------------
     def agent_status(self) -> str:
-        """``guest-fsfreeze-status`` ("frozen"/"thawed"); keeps a connection open only
-        while a freeze of ours is in effect (the agent socket takes one client)."""
+        """``guest-fsfreeze-status`` ("frozen"/"thawed"), on a connection of its own
+        (the agent socket takes one client: it is never held across a freeze window)."""
         try:
             return self._agent_conn().fsfreeze_status()
         finally:
-            if self._freeze_t0 is None:
-                self._agent_close()
+            self._agent_close()
+
+    def _watchdog_log(self) -> Path:
+        return self.work_dir / WATCHDOG_LOG
+
+    def _release_watchdog(self) -> None:
+        wd, self._watchdog = self._watchdog, None
+        if wd is not None:
+            wd.release()
+            self._released_watchdogs.append(wd)
+
+    def _reap_watchdogs(self) -> None:
+        for wd in self._released_watchdogs:
+            wd.reap()
+        self._released_watchdogs = []
 
     def quiesce(self) -> int:
+        """Freeze, proven by ``guest-fsfreeze-status``. A thaw watchdog (a process of its
+        own, see ``thaw_watchdog.py``) is armed first: if this process dies, or the
+        freeze window passes ``freeze_limit`` seconds, it thaws the guest."""
         try:
             ga = self._agent_conn()
         except AgentError as e:
             raise QuiesceError(f"guest agent did not answer: {e}") from e
+        assert self.agent_socket is not None  # _agent_conn() checked it
         self._set_state(frozen=True)
+        log = self._watchdog_log()
+        self._log_size_at_freeze = log.stat().st_size if log.exists() else 0
+        self._watchdog = _Watchdog(self.agent_socket, self.freeze_limit, log)
         self._freeze_t0 = time.monotonic()
         try:
             count = ga.fsfreeze_freeze()
@@ -293,6 +457,8 @@ class QemuHypervisor:
         except AgentError as e:
             self._try_thaw()
             raise QuiesceError(f"guest freeze failed: {e}") from e
+        finally:
+            self._agent_close()  # free the agent socket for the watchdog
         if status != "frozen" or count < 1:
             self._try_thaw()
             raise QuiesceError(
@@ -312,8 +478,11 @@ class QemuHypervisor:
         finally:
             self._agent_close()
             self._freeze_t0 = None
+            self._release_watchdog()
 
     def thaw(self) -> int:
+        log = self._watchdog_log()
+        log_before = self._log_size_at_freeze
         try:
             try:
                 count = self._agent_conn().fsfreeze_thaw()
@@ -327,8 +496,14 @@ class QemuHypervisor:
                 self.stats["freeze_ms"] = (time.monotonic() - self._freeze_t0) * 1000
                 self._freeze_t0 = None
             self._agent_close()
+            self._release_watchdog()
         self._set_state(frozen=False)
-        self._frozen_count = None
+        frozen, self._frozen_count = self._frozen_count, None
+        if frozen is not None and count != frozen and log.exists() \
+                and log.stat().st_size > log_before:
+            with contextlib.suppress(OSError):
+                last = log.read_text().strip().splitlines()[-1].split(": ", 1)[-1]
+                raise QuiesceError(f"the thaw watchdog thawed the guest first ({last})")
         return count
 
     # -- snapshot --------------------------------------------------------------------
@@ -408,18 +583,44 @@ class QemuHypervisor:
         """
         if not self._snapshotted:
             raise HypervisorError("export() before snapshot()")
-        if not self._state().get("nbd_server"):
-            self._nbd_socket.unlink(missing_ok=True)
-            try:
-                self._qmp.cmd("nbd-server-start",
-                              {"addr": {"type": "unix", "data": {"path": str(self._nbd_socket)}}})
-            except QmpCommandError as e:
-                raise HypervisorError(f"cannot start QEMU's NBD server: {e.desc}") from e
-            self._set_state(nbd_server=True)
+        self._reap_watchdogs()  # released at the thaw; gone by now
+        self._start_nbd_server()
         plans = []
         for d in self._disks:
             plans.append(self._export_disk(d))
         return plans
+
+    def _start_nbd_server(self) -> None:
+        """Start QEMU's NBD server on our socket. The state file is only a hint: QEMU
+        says whether a server runs ("already running"); one started by an interrupted
+        backup of ours (the state file says so, and we hold the VM lock) is restarted,
+        anyone else's is left alone and the backup refuses."""
+        addr = {"type": "unix", "data": {"path": str(self._nbd_socket)}}
+        for attempt in range(2):
+            if not self._nbd_socket.exists() or attempt:
+                self._nbd_socket.unlink(missing_ok=True)
+            try:
+                self._qmp.cmd("nbd-server-start", {"addr": addr})
+                self._set_state(nbd_server=True)
+                return
+            except QmpCommandError as e:
+                if "already running" not in e.desc or attempt:
+                    raise HypervisorError(f"cannot start QEMU's NBD server: {e.desc}") from e
+                if not self._state().get("nbd_server"):
+                    raise HypervisorError(
+                        "QEMU's NBD server is already running and was not started by "
+                        "snapferry: refusing to stop it (stop it first: nbd-server-stop)"
+                    ) from e
+            self._stop_nbd_server()
+
+    def _stop_nbd_server(self) -> None:
+        try:
+            self._qmp.cmd("nbd-server-stop")
+        except QmpCommandError as e:
+            if "not running" not in e.desc:
+                raise
+        self._set_state(nbd_server=False)
+        self._nbd_socket.unlink(missing_ok=True)
 
     def _export_node(self, d: _Disk) -> tuple[str, dict[str, Any]]:
         """The node holding the point-in-time image of ``d`` and facts for the manifest
@@ -482,19 +683,15 @@ class QemuHypervisor:
         for eid in ours:
             if any(e.get("id") == eid for e in self._qmp.cmd("query-block-exports")):
                 self._qmp.wait_event(self._export_deleted(eid), timeout=60.0)
+        if ours:
+            self.actions.append(f"removed NBD export(s) {', '.join(ours)}")
         if self._state().get("nbd_server"):
-            try:
-                self._qmp.cmd("nbd-server-stop")
-            except QmpCommandError as e:
-                if "not running" not in e.desc:
-                    raise
-            self._set_state(nbd_server=False)
-            self._nbd_socket.unlink(missing_ok=True)
+            self._stop_nbd_server()
         for d in self._disks:
             d.export_id = None
 
-    # -- commit / relock -------------------------------------------------------------
-    def commit(self) -> None:
+    # -- merge_overlay / check_on_base -------------------------------------------------------------
+    def merge_overlay(self) -> None:
         self._remove_exports()
         t0 = time.monotonic()
         for d in self._disks:
@@ -547,7 +744,7 @@ class QemuHypervisor:
             with contextlib.suppress(QmpCommandError):
                 self._qmp.cmd("blockdev-del", {"node-name": top})
 
-    def relock(self) -> None:
+    def check_on_base(self) -> None:
         by_name = {_disk_name(b, str(b.get("inserted", {}).get("node-name", ""))): b
                    for b in self._qmp.cmd("query-block") if b.get("inserted")}
         for d in self._disks:
@@ -617,6 +814,7 @@ class QemuHypervisor:
         ``snapferry-*`` bitmap into it, re-enable it, drop the newer ones. Safe: at worst
         the next backup of that disk is full, it can never miss a write."""
         actions: list[dict[str, Any]] = []
+        done: list[str] = []
         for node, n in self._nodes().items():
             bms = {b["name"]: b for b in n.get("dirty-bitmaps", [])
                    if str(b.get("name", "")).startswith(BITMAP_PREFIX)}
@@ -624,16 +822,24 @@ class QemuHypervisor:
                 if b.get("recording", True) or b.get("busy") or b.get("inconsistent"):
                     continue
                 newer = [x for x in sorted(bms) if x > name]
-                if newer:
-                    actions.append({"type": "block-dirty-bitmap-merge",
-                                    "data": {"node": node, "target": name, "bitmaps": newer}})
+                if not newer:
+                    # nothing recorded the writes since it was disabled: it can only
+                    # mislead an incremental; dropping it makes the next backup full
+                    actions.append({"type": "block-dirty-bitmap-remove",
+                                    "data": {"node": node, "name": name}})
+                    done.append(f"dropped disabled bitmap {name} on {node}")
+                    break
+                actions.append({"type": "block-dirty-bitmap-merge",
+                                "data": {"node": node, "target": name, "bitmaps": newer}})
                 actions.append({"type": "block-dirty-bitmap-enable",
                                 "data": {"node": node, "name": name}})
                 actions += [{"type": "block-dirty-bitmap-remove",
                              "data": {"node": node, "name": x}} for x in newer]
+                done.append(f"restored bitmap {name} on {node} (merged {', '.join(newer)})")
                 break
         if actions:
             self._qmp.cmd("transaction", {"actions": actions})
+            self.actions += done
 
     # -- cleanup -----------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -644,13 +850,16 @@ class QemuHypervisor:
         errors: list[str] = []
         if self._state().get("frozen") or self._freeze_t0 is not None:
             try:
-                self._agent_conn().fsfreeze_thaw()
+                n = self._agent_conn().fsfreeze_thaw()
                 self._set_state(frozen=False)
                 self._freeze_t0 = None
+                if n:
+                    self.actions.append(f"thawed {n} guest filesystem(s)")
             except AgentError as e:
                 errors.append(f"guest may still be frozen: {e}")
             finally:
                 self._agent_close()
+                self._release_watchdog()
         for attempt in range(2):
             found: list[str] = []
             try:
@@ -693,6 +902,11 @@ class QemuHypervisor:
                 base = self._base_node_of(top, backing.get("filename"))
                 self._commit_overlay(top, base, name, int(top.removeprefix(OVERLAY_NODE_PREFIX)
                                                           or i))
+                self.actions.append(f"merged overlay {ins.get('file')} back into disk {name}")
+                merged = Path(str(ins.get("file", "")))
+                if merged.name.endswith(OVERLAY_SUFFIX) \
+                        and merged.parent.resolve() == self.work_dir.resolve():
+                    merged.unlink(missing_ok=True)  # its writes are in the base now
             except QmpConnectionError:
                 raise
             except SnapferryError as e:
@@ -714,10 +928,28 @@ class QemuHypervisor:
                 errors.append(f"dirty bitmap bookkeeping: {e.desc}")
             except SnapferryError as e:
                 errors.append(f"dirty bitmap bookkeeping: {e}")
+        self._reap_overlay_files()
+
+    def _reap_overlay_files(self) -> None:
+        """Delete overlay files QEMU no longer uses, but only those proven empty: an
+        overlay the VM is no longer attached to (QEMU restarted after a killed backup)
+        may hold guest writes that exist nowhere else. Those are kept, and said."""
         in_use = {str(n.get("file", "")) for n in self._nodes().values()}
-        for f in self.work_dir.glob(f"*{OVERLAY_SUFFIX}"):
-            if str(f) not in in_use:
+        for f in sorted(self.work_dir.glob(f"*{OVERLAY_SUFFIX}")):
+            if str(f) in in_use:
+                continue
+            holds = overlay_holds_data(f)
+            if holds is False:
                 f.unlink(missing_ok=True)
+                self.actions.append(f"removed empty overlay {f.name}")
+                continue
+            why = "holds guest writes" if holds else "may hold guest writes (unreadable)"
+            msg = (f"kept overlay {f} : it {why} made after an interrupted backup that "
+                   "the VM no longer runs on (QEMU was restarted on the base image); "
+                   "inspect it (qemu-img map) and merge it (qemu-img commit) with the VM "
+                   "shut down, or delete it")
+            self.actions.append(msg)
+            self.progress.note(msg)
 
     def _base_node_of(self, top: str, backing_file: str | None) -> str:
         """Node name of the base (format) node whose image is ``backing_file``."""
@@ -730,7 +962,46 @@ class QemuHypervisor:
                 return str(m["node-name"])
         raise HypervisorError(f"cannot find the base node under overlay {top}")
 
+    def recover(self) -> list[str]:
+        """``snapferry cleanup VM``: from whatever an interrupted backup left (any crash
+        point), bring the VM back to its base disks, thawed, with no export, no block
+        job of ours and no stray ``snapferry-*`` bitmap (interrupted rounds' bitmaps
+        merged back, inconsistent ones dropped); overlay files holding guest writes are
+        kept and reported. Takes the VM lock (refuses while a backup runs). Returns
+        what was found and done, one line each."""
+        self.actions = []
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._qmp.connect()
+        self.lock()
+        if self.agent_socket is not None:
+            try:
+                if self.agent_status() == "frozen":
+                    self._set_state(frozen=True)  # cleanup() thaws it
+            except AgentError as e:
+                self.actions.append(f"guest agent not answering ({e}): freeze state unknown")
+        self.cleanup()
+        actions: list[dict[str, Any]] = []
+        for node, n in self._nodes().items():
+            for b in n.get("dirty-bitmaps", []):
+                name = str(b.get("name", ""))
+                if name.startswith(BITMAP_PREFIX) and b.get("inconsistent"):
+                    actions.append({"type": "block-dirty-bitmap-remove",
+                                    "data": {"node": node, "name": name}})
+                    self.actions.append(f"dropped inconsistent bitmap {name} on {node}")
+        if actions:
+            try:
+                self._qmp.cmd("transaction", {"actions": actions})
+            except QmpCommandError as e:
+                raise HypervisorError(f"dropping inconsistent bitmaps: {e.desc}") from e
+        return list(self.actions)
+
     def close(self) -> None:
         self._close_sources()
         self._agent_close()
+        self._release_watchdog()
+        self._reap_watchdogs()
+        with contextlib.suppress(SnapferryError, OSError):
+            if self._lock_token is not None:
+                self._qmp.connect()
+                self.unlock()
         self._qmp.close()

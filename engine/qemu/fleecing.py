@@ -50,7 +50,8 @@ STRATEGY = "fleecing"
 
 class QemuFleecingHypervisor(QemuHypervisor):
     """The QEMU backend with the fleecing strategy; same constructor as
-    ``QemuHypervisor``. Overrides inspect/quiesce/snapshot/export/commit/relock/cleanup."""
+    ``QemuHypervisor``. Overrides inspect, quiesce, snapshot, export, merge_overlay,
+    check_on_base and cleanup."""
 
     strategy = STRATEGY
 
@@ -69,6 +70,7 @@ class QemuFleecingHypervisor(QemuHypervisor):
     def inspect(self) -> VmInfo:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._qmp.connect()
+        self.lock()  # before touching anything: leftovers are ours only under the lock
         if self._fleece_jobs() or self._fleece_nodes():
             self.progress.note("leftover snapferry fleecing job from an interrupted backup: "
                                "stopping it first")
@@ -156,8 +158,8 @@ class QemuFleecingHypervisor(QemuHypervisor):
         node, image = self._fleece[d.name]
         return node, {"strategy": STRATEGY, "fleece": str(image)}
 
-    # -- commit (= stop fleecing) / relock -----------------------------------------------
-    def commit(self) -> None:
+    # -- merge_overlay (= stop fleecing) / check_on_base ---------------------------------
+    def merge_overlay(self) -> None:
         self._remove_exports()
         t0 = time.monotonic()
         errors: list[str] = []
@@ -205,8 +207,8 @@ class QemuFleecingHypervisor(QemuHypervisor):
             if str(f) not in in_use:
                 f.unlink(missing_ok=True)
 
-    def relock(self) -> None:
-        super().relock()
+    def check_on_base(self) -> None:
+        super().check_on_base()
         left = self._fleece_jobs() + self._fleece_nodes()
         if left:
             raise HypervisorError(f"fleecing still attached to the VM: {', '.join(left)}")

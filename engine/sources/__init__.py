@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from snapferry.engine.errors import UsageError
 from snapferry.engine.source import DiskSource
 
-NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+# The one list of NBD URI schemes (the NBD URI spec's; libnbd speaks them all).
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 ACCEPTED_FORMS = (
     "a path to a disk image (raw, qcow2 or any format qemu-img knows) or block device "
@@ -18,15 +19,27 @@ ACCEPTED_FORMS = (
     "nbd://HOST[:PORT]/EXPORT",
     "nbds://HOST[:PORT]/EXPORT",
     "nbd+unix:///EXPORT?socket=PATH",
+    "nbd+vsock://CID[:PORT]/EXPORT",
     "VMs: qemu+unix:///PATH/qmp.sock?agent=PATH, vsphere://USER@HOST/VM, lab",
 )
+
+
+def split_uri(uri: str) -> SplitResult:
+    """``urlsplit`` that refuses a malformed URI (an unclosed ``[`` IPv6 host, a port
+    that is not a number in 0-65535) with a ``UsageError`` instead of a ValueError."""
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port  # validates the port
+    except ValueError as e:
+        raise UsageError(f"malformed URI {uri!r}: {e}") from None
+    return parts
 
 
 def scheme_of(uri: str) -> str | None:
     """The URI scheme of ``uri`` in lower case, or None for a plain path."""
     if "://" not in uri:
         return None
-    return urlsplit(uri).scheme.lower() or None
+    return split_uri(uri).scheme.lower() or None
 
 
 def open_source(
@@ -34,7 +47,7 @@ def open_source(
 ) -> DiskSource:
     """Open a SOURCE string: a plain path → ``FileSource`` (raw) or ``ImageSource``
     (qcow2 and other formats qemu-img knows; ``image_format`` skips the probe);
-    ``nbd://``, ``nbds://``, ``nbd+unix://`` → ``NbdSource`` (``bitmap`` names the
+    ``nbd://``, ``nbds://``, ``nbd+unix://``, ``nbd+vsock://`` → ``NbdSource`` (``bitmap`` names the
     dirty bitmap to read)."""
     scheme = scheme_of(uri)
     if scheme is None:

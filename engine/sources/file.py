@@ -12,7 +12,6 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from snapferry.engine.errors import SourceError
@@ -145,13 +144,3 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_file_source(uri: str) -> bool:
-    """A SOURCE string that names a local path (no URI scheme)."""
-    return "://" not in uri
-
-
-def source_name(path: str) -> str:
-    """Default restore-point name for a file source: the file's name."""
-    return Path(path).name or "disk"

@@ -23,12 +23,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from snapferry.engine.errors import SourceError
 from snapferry.engine.source import Extent
+from snapferry.engine.sources import NBD_SCHEMES, split_uri
 from snapferry.native import _libnbd_cdef as C
 from snapferry.native.libnbd import BlockSizes, BlockStatusReply, NbdError, NbdHandle
 
 __all__ = ["NBD_SCHEMES", "NbdSource", "NbdSpec", "is_nbd_uri", "redact_uri"]
-
-NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 MAX_REQUEST = 32 * 1024 * 1024  # the NBD protocol's safe upper bound for one read
 DEFAULT_REQUEST_SIZE = 2 * 1024 * 1024
@@ -41,7 +40,7 @@ DIRTY = 1  # bit 0 of a qemu:dirty-bitmap context
 
 
 def is_nbd_uri(uri: str) -> bool:
-    return urlsplit(uri).scheme.lower() in NBD_SCHEMES
+    return split_uri(uri).scheme.lower() in NBD_SCHEMES
 
 
 def redact_uri(uri: str) -> str:

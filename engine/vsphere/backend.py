@@ -532,10 +532,10 @@ class VsphereHypervisor:
         source: DiskSource = VddkSource.open(params, disk.file)
         return source
 
-    def commit(self) -> None:
+    def merge_overlay(self) -> None:
         snap = self._snap
         if snap is None:
-            raise HypervisorError("vSphere backend: commit() without a snapshot")
+            raise HypervisorError("vSphere backend: merge_overlay() without a snapshot")
         self._close_sources()
         self._call(
             f"removing snapshot {self._snap_name}",
@@ -550,7 +550,7 @@ class VsphereHypervisor:
             self._note(f"consolidating the disks of {vm.name}")
             self._call(f"consolidating the disks of {vm.name}", vm.ConsolidateVMDisks_Task)
 
-    def relock(self) -> None:
+    def check_on_base(self) -> None:
         vm = self.vm
         ours = [n for n in self._snapshot_nodes() if n.name.startswith(SNAPSHOT_PREFIX)]
         if ours:

@@ -1,6 +1,6 @@
 """The lab VM: a real QEMU guest with a real guest agent, for tests and the demo.
 
-Built only from installed Debian packages (see ``snapferry.engine.qemu.initramfs``): the Debian
+Built only from installed Debian packages (see ``snapferry.lab.initramfs``): the Debian
 kernel, an initramfs with busybox, the virtio/ext4 modules and qemu-ga. Data disks are
 qcow2 images holding ext4 made on the host, attached with ``-blockdev`` (node names
 ``lab-disk<N>`` over ``lab-file<N>``) to ``virtio-blk-pci`` devices ``disk<N>``, mounted
@@ -33,8 +33,8 @@ from typing import Any
 
 from snapferry.engine.errors import SnapferryError
 from snapferry.engine.qemu.agent import AgentError, GuestAgent
-from snapferry.engine.qemu.initramfs import FAIL_FREEZE_FLAG, build_initramfs
 from snapferry.engine.qemu.qmp import Qmp
+from snapferry.lab.initramfs import FAIL_FREEZE_FLAG, build_initramfs
 
 BOOT_TIMEOUT = float(os.environ.get("SNAPFERRY_LAB_BOOT_TIMEOUT", "120"))
 KVM_PROBE_TIMEOUT = 20.0
@@ -343,3 +343,10 @@ def lab_info(lab_dir: Path | str | None = None) -> dict[str, Any]:
     out["lab_dir"] = str(vm.lab_dir)
     out["uri"] = vm.uri
     return out
+
+
+def lab_target(lab_dir: Path | str | None = None) -> tuple[str, Path]:
+    """The running lab VM as a backup target: its ``qemu+unix://`` URI (restore points
+    filed under ``lab``) and the work directory its overlays and state live in."""
+    vm = _running(lab_dir)
+    return f"{vm.uri}&name=lab", vm.lab_dir / "work"

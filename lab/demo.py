@@ -20,12 +20,12 @@ from typing import Any
 from snapferry.engine.coordinator import VmBackupOptions, VmBackupResult, backup_vm
 from snapferry.engine.errors import SnapferryError
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.qemu.lab import LabVm, lab_down, lab_up, lab_write
-from snapferry.engine.qemu.labcheck import fsck_clean, read_file
 from snapferry.engine.restore import restore
 from snapferry.engine.store.repo import Repository
 from snapferry.engine.targets import TargetOptions, open_hypervisor
 from snapferry.engine.units import human_bytes
+from snapferry.lab.check import fsck_clean, read_file
+from snapferry.lab.vm import LabVm, lab_down, lab_target, lab_up, lab_write
 
 GUEST_MOUNT = "/data0"
 
@@ -151,7 +151,8 @@ def run_demo(
         report.repo = str(rpath)
 
         def one_backup(label: str) -> VmBackupResult:
-            hv = open_hypervisor("lab", TargetOptions(progress=prog))
+            uri, work = lab_target(vm.lab_dir)
+            hv = open_hypervisor(uri, TargetOptions(progress=prog, work_dir=work))
             try:
                 return backup_vm(
                     hv, repo, VmBackupOptions(mode="auto", quiesce="required", progress=prog)
