@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
+from snapferry.cli import key as key_cmd
 from snapferry.cli.output import emit_json, fail, human_bytes, make_progress
 from snapferry.engine.errors import SnapferryError, UsageError
 
@@ -55,6 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_repo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", metavar="REPO", help=f"repository path (default: ${REPO_ENV})")
+    key_cmd.add_password_option(p)
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", type=int, default=None, metavar="LEVEL",
                    help="zstd level 1..19 (default 1; 19 stores least, slowest; "
                         "see docs/chunk-size.md)")
+    key_cmd.add_init_options(p)
     _add_json(p)
 
     p = sub.add_parser("backup", help="back up a disk image, an NBD export or a VM")
@@ -130,12 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id", nargs="?", metavar="BACKUP_ID")
     p.add_argument("--read-data", action="store_true",
                    help="decode and re-hash every referenced chunk")
+    key_cmd.add_verify_options(p)
     _add_json(p)
 
     p = sub.add_parser("info", help="repository summary: size, dedup and compression")
     _add_repo(p)
     _add_json(p)
 
+    key_cmd.add_parser(sub)
     vm = _vm_module()
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo (cli/vm.py)
@@ -166,8 +171,10 @@ def repo_path(args: argparse.Namespace) -> str:
 
 
 def open_repo(args: argparse.Namespace) -> Any:
+    from snapferry.engine.store import keys
     from snapferry.engine.store.repo import Repository
 
+    keys.set_password_file(getattr(args, "password_file", None))
     return Repository.open(repo_path(args))
 
 
@@ -213,14 +220,16 @@ def source_kind(source: str) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, Repository
 
+    encryption, passphrase = key_cmd.init_encryption(args)
     repo = Repository.init(
         args.path,
         chunk_size=DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
         zstd_level=DEFAULT_ZSTD_LEVEL if args.compression is None else args.compression,
+        encryption=encryption, passphrase=passphrase,
     )
     if args.json:
         emit_json({"path": str(repo.path), "id": repo.id, "chunk_size": repo.chunk_size,
-                   "zstd_level": repo.zstd_level})
+                   "zstd_level": repo.zstd_level, "encryption": encryption})
     else:
         print(f"initialised repository {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
     return 0
@@ -372,6 +381,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from snapferry.engine.errors import CorruptionError
     from snapferry.engine.verify import verify_repo
 
+    if args.verify_key_file:
+        return key_cmd.verify_with_key(args, repo_path(args))
     repo = open_repo(args)
     progress = make_progress(args.json)
     report = verify_repo(repo, args.backup_id, read_data=args.read_data, progress=progress)
@@ -433,6 +444,7 @@ COMMANDS = {
     "list": cmd_list,
     "verify": cmd_verify,
     "info": cmd_info,
+    "key": key_cmd.cmd_key,
 }
 
 
