@@ -190,7 +190,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     rbackend = repo.backend
     master = repo.sealer.keys
     rid = repo.id
-    objs = keys.key_objects(backend)
+    objs = keys.key_objects(rbackend)
     if action == "list":
         rows = [{"name": k.name, "key_id": f"{int(k.body.get('key_id', 0)):08x}",
                  "created": k.body.get("created"), "label": k.body.get("label", ""),
