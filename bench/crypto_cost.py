@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import imagegen  # noqa: E402
+import imagegen
 
 EXE = str(Path(sys.executable).parent / "snapferry")
 
