@@ -335,3 +335,19 @@ def test_export_import_master(enc_repo: tuple[Path, Path, str], tmp_path: Path) 
     ok("restore", "--repo", repo, bid, "--to", tmp_path / "o.raw", e=env("recovered"))
     assert hashlib.sha256((tmp_path / "o.raw").read_bytes()).digest() == hashlib.sha256(
         img.read_bytes()).digest()
+
+
+def test_damaged_copy_is_recorded_and_healed(enc_repo: tuple[Path, Path, str],
+                                             tmp_path: Path) -> None:
+    """verify --read-data records the bad copy (a sealed damaged object); the next backup
+    stores a fresh copy and restores of it come out whole."""
+    repo, img, bid = enc_repo
+    _flip(_packs(repo)[0], 48 + 200)
+    p = run_cli("verify", "--repo", repo, "--read-data", env=env())
+    assert p.returncode != 0 and bid in p.stderr
+    damaged = _files(repo, "damaged")
+    assert len(damaged) == 1 and b'"entries"' not in damaged[0].read_bytes()  # sealed
+    out = json.loads(ok("backup", img, "--repo", repo, "--name", VM_NAME, "--json"))
+    assert out["disks"][0]["chunks_new"] == 1, out
+    ok("restore", "--repo", repo, out["backup_id"], "--to", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == img.read_bytes()

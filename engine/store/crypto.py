@@ -194,7 +194,8 @@ class Sealer(PlainSealer):
     # -- whole objects (index files, manifests, damaged lists) ---------------------------
     def seal_object(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> bytes:
         header = ENVELOPE_HEADER.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, self.key_id, 0)
-        body = header + self._seal(data, header + kind.encode() + b"/" + name.encode())
+        aad = header + kind.encode() + b"/" + _name_in_mac(kind, name).encode()
+        body = header + self._seal(data, aad)
         return body + verify_mac(self.keys.verify_key, kind, _name_in_mac(kind, name), body)
 
     def open_object(self, kind: str, name: str, blob: bytes) -> bytes:
@@ -202,7 +203,8 @@ class Sealer(PlainSealer):
         check_envelope(self.keys.verify_key, kind, name, blob, key_id=self.key_id)
         body = memoryview(blob)[ENVELOPE_HEADER.size : -VMAC_SIZE]
         header = blob[: ENVELOPE_HEADER.size]
-        return self._open(body, header + kind.encode() + b"/" + name.encode(), what)
+        aad = header + kind.encode() + b"/" + _name_in_mac(kind, name).encode()
+        return self._open(body, aad, what)
 
     def object_name(self, kind: str, sealed: bytes) -> str:
         """Name of a damaged object: its verification tag's hex."""
