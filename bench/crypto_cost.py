@@ -48,9 +48,10 @@ def main() -> None:
         r = run("restore", "--repo", str(repo), bid, "--to", str(out), env=base)
         same = out.read_bytes() == img.read_bytes()
         out.unlink()
+        opened = run("list", "--repo", str(repo), env=base)  # the fixed cost of one command
         rows[enc] = (b, r, size_of(repo), same)
         print(f"{enc:8} backup {b:6.2f} s  restore {r:6.2f} s  stored {rows[enc][2]:>11} B  "
-              f"restore identical: {same}")
+              f"list {opened:5.2f} s  restore identical: {same}")
     (bn, rn, sn, _), (be, re_, se, _) = rows["none"], rows["repokey"]
     print(f"encrypted/plain: backup {be / bn:.3f}x  restore {re_ / rn:.3f}x  "
           f"stored {se / sn:.4f}x (+{se - sn} B)")
