@@ -8,7 +8,9 @@ Runs the real CLI; prints one line per repository kind and the ratios.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,10 +23,19 @@ import imagegen
 EXE = str(Path(sys.executable).parent / "snapferry")
 
 
+CPU: dict[str, float] = {}
+
+
 def run(*args: str, env: dict[str, str]) -> float:
+    """Wall seconds of one CLI run; its CPU seconds (user + system, workers included)
+    go to ``CPU[args[0]]``."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([EXE, *args], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[args[0]] = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    return wall
 
 
 def size_of(path: Path) -> int:
@@ -48,12 +59,17 @@ def main() -> None:
         r = run("restore", "--repo", str(repo), bid, "--to", str(out), env=base)
         same = out.read_bytes() == img.read_bytes()
         out.unlink()
+        bc, rc = CPU["backup"], CPU["restore"]
         opened = run("list", "--repo", str(repo), env=base)  # the fixed cost of one command
-        rows[enc] = (b, r, size_of(repo), same)
-        print(f"{enc:8} backup {b:6.2f} s  restore {r:6.2f} s  stored {rows[enc][2]:>11} B  "
-              f"list {opened:5.2f} s  restore identical: {same}")
+        info = json.loads(subprocess.run([EXE, "info", "--repo", str(repo), "--json"],
+                                         check=True, env=base, capture_output=True).stdout)
+        rows[enc] = (bc, rc, size_of(repo), same)
+        print(f"{enc:8} backup {b:5.2f} s wall {bc:5.2f} s CPU  restore {r:5.2f} s wall "
+              f"{rc:5.2f} s CPU  list {opened:4.2f} s wall {CPU['list']:4.2f} s CPU  "
+              f"repository {rows[enc][2]} B, {info['chunks']} chunks "
+              f"{info['chunk_bytes_stored']} B stored  identical: {same}")
     (bn, rn, sn, _), (be, re_, se, _) = rows["none"], rows["repokey"]
-    print(f"encrypted/plain: backup {be / bn:.3f}x  restore {re_ / rn:.3f}x  "
+    print(f"encrypted/plain CPU: backup {be / bn:.3f}x  restore {re_ / rn:.3f}x  "
           f"stored {se / sn:.4f}x (+{se - sn} B)")
 
 

@@ -150,14 +150,14 @@ class Sealer(PlainSealer):
     # -- AEAD ---------------------------------------------------------------------------
     def _seal(self, data: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, bytes(data), aad)
+        return nonce + self._aead.encrypt(nonce, data, aad)
 
     def _open(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         mv = memoryview(sealed)
         if mv.nbytes < SEAL_OVERHEAD:
             raise CorruptionError(f"{what}: too short to be sealed")
         try:
-            return self._aead.decrypt(bytes(mv[:NONCE_SIZE]), bytes(mv[NONCE_SIZE:]), aad)
+            return self._aead.decrypt(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad)
         except InvalidTag:
             raise CorruptionError(
                 f"{what}: authentication failed (tampered, moved or swapped ciphertext)"
