@@ -351,3 +351,20 @@ def test_damaged_copy_is_recorded_and_healed(enc_repo: tuple[Path, Path, str],
     assert out["disks"][0]["chunks_new"] == 1, out
     ok("restore", "--repo", repo, out["backup_id"], "--to", tmp_path / "o.raw")
     assert (tmp_path / "o.raw").read_bytes() == img.read_bytes()
+
+
+def test_killed_worker_leaves_no_restore_point(tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-backup of an encrypted repository: no manifest, and the
+    next backup commits and verifies (leftovers are sealed packs no manifest uses)."""
+    repo, img = tmp_path / "repo", tmp_path / "disk.raw"
+    make_image(img, 32 << 20)  # four 8 MiB work items: the kill lands in the second
+    ok("init", repo, "--chunk-size", "64K", "--encryption", "repokey")
+    p = run_cli("backup", img, "--repo", repo, "--workers", "2",
+                env=env(SNAPFERRY_TEST_KILL_WORKER_AFTER="20"))
+    assert p.returncode != 0
+    assert not (repo / "snapshots").exists() or not list((repo / "snapshots").iterdir())
+    out = json.loads(ok("backup", img, "--repo", repo, "--name", VM_NAME, "--json"))
+    rep = json.loads(ok("verify", "--repo", repo, "--read-data", "--json"))
+    assert rep["ok"] and rep["backups_checked"] == [out["backup_id"]]
+    ok("restore", "--repo", repo, out["backup_id"], "--to", tmp_path / "o.raw")
+    assert (tmp_path / "o.raw").read_bytes() == img.read_bytes()
