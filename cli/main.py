@@ -417,6 +417,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"repository     {info['path']}")
     print(f"chunk size     {human_bytes(info['chunk_size'])}, zstd level {info['zstd_level']}")
+    print(f"encryption     {info['encryption']}")
     print(f"restore points {len(info['restore_points'])}")
     print(f"chunks         {info['chunks']} ({human_bytes(info['chunk_bytes_stored'])} stored, "
           f"{human_bytes(info['chunk_bytes_raw'])} raw)")

@@ -424,6 +424,7 @@ def repo_info(repo: Repository) -> dict[str, Any]:
         "chunk_size": repo.chunk_size,
         "zstd_level": repo.zstd_level,
         "pack_size": repo.pack_size,
+        "encryption": repo.config.get("encryption", "none"),
         "size_on_disk": size_on_disk,
         "packs": len(packs_present),
         "index_files": len(index.files),
