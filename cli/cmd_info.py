@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         ("repository", info["path"]),
         ("id", info["id"]),
         ("format", info.get("format")),
+        ("encryption", info.get("encryption", "none")),
         ("chunk size", f"{human_bytes(info['chunk_size'])}, zstd level {info['zstd_level']}"),
         ("restore points", f"{len(points)} in {series} series"),
         ("chunks", f"{info['chunks']}: {human_bytes(info['chunk_bytes_stored'])} stored, "

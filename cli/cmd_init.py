@@ -13,6 +13,8 @@ EXAMPLES = """
   snapferry init /backup/repo
   snapferry init /backup/repo --chunk-size 1M
   snapferry init /backup/repo --compression 9      # smaller, slower backups
+  snapferry init /backup/repo --password-file /root/repo.pass   # encrypted (the default)
+  snapferry init /backup/lab --encryption none     # plaintext
   SNAPFERRY_REPO=/backup/repo snapferry init
   snapferry init s3://backups/site-a --s3-endpoint http://127.0.0.1:7480
 """
@@ -33,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--compression", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="LEVEL",
                    help="zstd level 1..19 for new chunks: 19 stores least and is slowest "
                         "(default: %(default)s; table in docs/chunk-size.md)")
+    from snapferry.cli.cmd_key import add_init_options
+
+    add_init_options(p)
     p.set_defaults(func=run)
 
 
@@ -43,11 +48,17 @@ def run(args: argparse.Namespace) -> int:
 
     loc = parse_location(args.path) if args.path else repo_location(args)
     check_new_location(loc)
-    repo = Repository.init(loc.target, chunk_size=args.chunk_size, zstd_level=args.compression)
+    from snapferry.cli.cmd_key import init_encryption
+
+    encryption, passphrase = init_encryption(args)
+    repo = Repository.init(loc.target, chunk_size=args.chunk_size, zstd_level=args.compression,
+                           encryption=encryption, passphrase=passphrase)
     where = repo.backend.location
     if args.json:
         emit_json({"repository": where, "id": repo.id, "chunk_size": repo.chunk_size,
-                   "zstd_level": repo.zstd_level, "format": repo.config.get("format")})
+                   "zstd_level": repo.zstd_level, "format": repo.config.get("format"),
+                   "encryption": encryption})
     else:
-        print(f"initialised repository {where} (chunk size {human_bytes(repo.chunk_size)})")
+        print(f"initialised repository {where} (chunk size {human_bytes(repo.chunk_size)}, "
+              f"encryption {encryption})")
     return 0

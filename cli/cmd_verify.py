@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(default: all)")
     p.add_argument("--read-data", action="store_true",
                    help="decode and re-hash every referenced chunk (reads all stored data)")
+    from snapferry.cli.cmd_key import add_verify_options
+
+    add_verify_options(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from snapferry.engine.restore_point_ref import resolve_restore_point
     from snapferry.engine.verify import verify_repo
 
+    if args.verify_key_file:
+        from snapferry.cli.cmd_key import verify_with_key
+        from snapferry.cli.common import repo_path
+
+        return verify_with_key(args, repo_path(args))
     repo = open_repo(args)
     bid = resolve_restore_point(repo, args.backup_id) if args.backup_id else None
     progress = make_progress(args.json)

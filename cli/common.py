@@ -159,6 +159,11 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     if "-q" not in have and "--quiet" not in have:
         g.add_argument("-q", "--quiet", dest=pre + "quiet", action="store_true",
                        help="no progress bar and no notes; errors and warnings still show")
+    if "--password-file" not in have:
+        g.add_argument("--password-file", dest=pre + "password_file", metavar="FILE",
+                       default=None,
+                       help="encrypted repositories: read the passphrase from FILE (default: "
+                            "$SNAPFERRY_PASSWORD, else a prompt on a terminal)")
     if "--s3-endpoint" not in have:
         g.add_argument("--s3-endpoint", dest=pre + "s3_endpoint", metavar="URL", default=None,
                        help="S3 service for s3://BUCKET/PREFIX repositories (Ceph RGW, "
@@ -167,12 +172,12 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
 
 def merge_globals(args: argparse.Namespace) -> argparse.Namespace:
     """Fold the options given before the command into those given after it."""
-    for name in ("repo", "json", "verbose", "quiet", "s3_endpoint"):
+    for name in ("repo", "json", "verbose", "quiet", "s3_endpoint", "password_file"):
         before = getattr(args, GLOBAL_PREFIX + name, None)
         after = getattr(args, name, None)
         if name == "verbose":
             value: object = int(before or 0) + int(after or 0)
-        elif name in ("repo", "s3_endpoint"):
+        elif name in ("repo", "s3_endpoint", "password_file"):
             value = after if after is not None else before
         else:
             value = bool(before) or bool(after)
@@ -198,8 +203,10 @@ def repo_path(args: argparse.Namespace) -> str:
 
 
 def open_repo(args: argparse.Namespace) -> Repository:
+    from snapferry.engine.store import keys
     from snapferry.engine.store.repo import Repository
 
+    keys.set_password_file(getattr(args, "password_file", None))
     return Repository.open(repo_location(args).target)
 
 

@@ -28,6 +28,7 @@ from snapferry.cli import (
     cmd_forget,
     cmd_info,
     cmd_init,
+    cmd_key,
     cmd_list,
     cmd_prune,
     cmd_restore,
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_info.add_parser(sub)
     cmd_forget.add_parser(sub)
     cmd_prune.add_parser(sub)
+    cmd_key.add_parser(sub)
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo
         for name, text in (("lab", LAB_EPILOG), ("demo", DEMO_EPILOG)):

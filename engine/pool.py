@@ -47,7 +47,7 @@ from snapferry.engine.errors import CorruptionError, SnapferryError
 from snapferry.engine.faults import worker_faults
 from snapferry.engine.source import DiskSource, SourceSpec
 from snapferry.engine.store.chunks import ChunkWriter, ChunkWriterSpec, verify_pack
-from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
+from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero
 from snapferry.engine.store.pack import WrittenObjects
 
 DEFAULT_ITEM_BYTES = 8 << 20
@@ -230,7 +230,7 @@ class _Worker:
         bytes_read = 0
         k = 0
         bufchunks = len(self.buf) // cs
-        store = self.writer.store
+        store, digest = self.writer.store, self.writer.digest
         seed = self.cfg.seed
         mv = self.mv
         hooks = self.faults.any
@@ -256,7 +256,7 @@ class _Worker:
                         cid = chunk_id(seed, data)
                         # A dedup hit must be an undamaged copy of the same data (the
                         # BLAKE3 recorded in the index); other data under the id raises.
-                        got = store(cid, data, strong_digest(data))
+                        got = store(cid, data, digest(data))
                         if got.new:
                             new[k] = True
                             stored[k] = got.stored

@@ -26,7 +26,7 @@ from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.store.blobs import TYPE_CHUNK
 from snapferry.engine.store.chunkindex import ChunkIndex, Location
 from snapferry.engine.store.chunks import ChunkReader
-from snapferry.engine.store.hashing import NULL_ID, strong_digest
+from snapferry.engine.store.hashing import NULL_ID
 from snapferry.engine.store.manifest import Manifest
 from snapferry.engine.store.pack import read_pack_trailer
 from snapferry.engine.store.repo import Repository
@@ -333,7 +333,7 @@ def _record_damaged(repo: Repository, copies: list[tuple[str, int, bytes]]) -> i
         "entries": [{"pack": p, "offset": o, "id": c.hex()} for p, o, c in sorted(copies)],
     }
     raw = (json.dumps(body, indent=1) + "\n").encode()
-    repo.backend.save("damaged", strong_digest(raw).hex(), raw)
+    repo.backend.save("damaged", repo.sealer.digest(raw).hex(), raw)
     return len(copies)
 
 
@@ -361,7 +361,8 @@ def leftovers(
         try:
             from snapferry.engine.store.pack import decode_index_file
 
-            groups = decode_index_file(info.name, repo.backend.load("index", info.name))
+            groups = decode_index_file(info.name, repo.backend.load("index", info.name),
+                                       repo.sealer.digest)
         except RepositoryError:
             continue  # reported as a problem already
         if not any(pid.hex() in used_packs for pid, _e in groups):
@@ -391,7 +392,7 @@ def repo_info(repo: Repository) -> dict[str, Any]:
     """Sizes, chunk count, logical size of all restore points, dedup ratio, leftovers."""
     backend = repo.backend
     size_on_disk = 0
-    for kind in ("config", "data", "index", "snapshots", "locks", "damaged"):
+    for kind in ("config", "data", "index", "snapshots", "locks", "damaged", "keys"):
         for info in backend.objects(kind):
             size_on_disk += info.size
     index = repo.chunk_index()
@@ -436,6 +437,7 @@ def repo_info(repo: Repository) -> dict[str, Any]:
         "chunk_size": repo.chunk_size,
         "zstd_level": repo.zstd_level,
         "pack_size": repo.pack_size,
+        "encryption": repo.config.get("encryption", "none"),
         "size_on_disk": size_on_disk,
         "packs": len(packs_present),
         "index_files": len(index.files),

@@ -23,6 +23,9 @@ import imagegen
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TEST_IMAGE_SIZE = 64 << 20
+# init encrypts by default; tests that build their own environment from os.environ keep
+# today's plaintext format unless they ask for --encryption repokey (tests/test_crypto*.py)
+os.environ.setdefault("SNAPFERRY_ENCRYPTION", "none")
 
 
 def snapferry_exe() -> list[str]:
@@ -36,6 +39,7 @@ def snapferry_exe() -> list[str]:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFERRY_")}
+    env["SNAPFERRY_ENCRYPTION"] = "none"  # init's default is repokey; encryption tests ask
     env.update(extra)
     return env
 

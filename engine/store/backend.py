@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 from snapferry.engine.errors import RepositoryError
 
-KINDS = ("config", "data", "index", "snapshots", "locks", "damaged")
+KINDS = ("config", "data", "index", "snapshots", "locks", "damaged", "keys")
 """Every kind of object a repository holds (docs/FORMAT.md, *Layout*)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

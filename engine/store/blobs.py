@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +68,16 @@ def parse_entries(buf: bytes | memoryview, count: int, *, what: str) -> np.ndarr
         raise CorruptionError(f"{what}: entry table has the wrong size")
     arr = np.frombuffer(buf, dtype=ENTRY_DTYPE, count=count)
     if count:
-        if not np.isin(arr["codec"], CODECS).all() or not np.isin(arr["type"], TYPES).all():
+        codec, enc = arr["codec"] & 0x0F, arr["codec"] >> 4  # bits 4..7: encryption
+        if not np.isin(codec, CODECS).all() or not np.isin(arr["type"], TYPES).all() or (
+            not np.isin(enc, (0, 1)).all()
+        ):
             raise CorruptionError(f"{what}: unknown blob codec or type")
         if (arr["stored_len"] > MAX_BLOB).any() or (arr["raw_len"] > MAX_BLOB).any():
             raise CorruptionError(f"{what}: blob lengths out of range")
-        raw = arr["codec"] == CODEC_RAW
-        if (arr["stored_len"][raw] != arr["raw_len"][raw]).any():
+        raw = codec == CODEC_RAW
+        sealed_raw = arr["raw_len"][raw].astype(np.int64) + 28 * enc[raw]  # AEAD overhead
+        if (arr["stored_len"][raw] != sealed_raw).any():
             raise CorruptionError(f"{what}: raw blob whose stored length differs")
     return arr
 
@@ -145,15 +150,19 @@ def check_blob(
     seed: int,
     crc: int | None = None,
     digest: bytes | None = None,
+    digest_fn: Callable[[bytes | memoryview], bytes] = strong_digest,
+    unseal: Callable[[bytes | memoryview], bytes | memoryview] | None = None,
 ) -> bytes | memoryview:
     """Decode a blob and prove it: XXH3-128 of the raw bytes = ``cid`` (the reader's
     check); with ``crc``/``digest`` also the CRC of the stored bytes and the BLAKE3
     (verify's full check). Returns the raw bytes; raises ``CorruptionError``."""
     if crc is not None and zlib.crc32(stored) != crc:
         raise CorruptionError(f"blob {cid.hex()}: CRC mismatch")
-    data = decode(codec, stored, raw_len)
+    if unseal is not None:  # encryption: the CRC is of the sealed bytes
+        stored = unseal(stored)
+    data = decode(codec & 0x0F, stored, raw_len)
     if chunk_id(seed, data) != cid:
         raise CorruptionError(f"blob {cid.hex()} holds data with another id")
-    if digest is not None and strong_digest(data) != digest:
+    if digest is not None and digest_fn(data) != digest:
         raise CorruptionError(f"blob {cid.hex()}: BLAKE3 digest mismatch")
     return data

@@ -17,6 +17,7 @@ import numpy as np
 from snapferry.engine.errors import CorruptionError, RepositoryError
 from snapferry.engine.store.backend import Backend
 from snapferry.engine.store.blobs import ENTRY_DTYPE
+from snapferry.engine.store.crypto import sealer_of
 from snapferry.engine.store.pack import decode_index_file
 
 TABLE_DTYPE = np.dtype(
@@ -132,7 +133,8 @@ class ChunkIndex:
             if info.name in self.files or info.name in skipped:
                 continue
             try:
-                groups = decode_index_file(info.name, backend.load("index", info.name))
+                groups = decode_index_file(info.name, backend.load("index", info.name),
+                                           sealer_of(backend).digest)
             except CorruptionError as e:
                 rep.bad_files.append((info.name, str(e)))
                 continue

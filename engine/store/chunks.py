@@ -23,6 +23,7 @@ from snapferry.engine.store.blobs import (
     encode,
 )
 from snapferry.engine.store.chunkindex import ChunkIndex, Location
+from snapferry.engine.store.crypto import sealer_of
 from snapferry.engine.store.hashing import ID_SIZE
 from snapferry.engine.store.pack import PackWriter, WrittenObjects, read_pack_trailer
 
@@ -62,6 +63,7 @@ class ChunkWriter:
         self.index = ChunkIndex()
         self.index.load(self.backend, types=(TYPE_CHUNK,))
         self.pack = PackWriter(self.backend, spec.pack_size)
+        self.digest = sealer_of(self.backend).digest  # keyed BLAKE3 when encrypted
         self.cctx: zstandard.ZstdCompressor = compressor(spec.zstd_level)
         # chunks this writer stored in this session: id -> (digest, raw_len)
         self.session: dict[bytes, tuple[bytes, int]] = {}
@@ -107,14 +109,19 @@ class ChunkReader:
         self.backend = backend
         self.seed = seed
         self.index = index
+        self.sealer = sealer_of(backend)
 
     def read_at(self, loc: Location, cid: bytes, *, full: bool = False) -> bytes | memoryview:
         stored = self.backend.load("data", loc.pack, loc.offset, loc.stored_len)
         if len(stored) != loc.stored_len:
             raise CorruptionError(f"blob {cid.hex()}: pack {loc.pack[:16]} is truncated")
+        sealer = self.sealer
         return check_blob(
             stored, cid=cid, codec=loc.codec, raw_len=loc.raw_len, seed=self.seed,
             crc=loc.crc if full else None, digest=loc.digest if full else None,
+            digest_fn=sealer.digest,
+            unseal=lambda b: sealer.open_blob(b, pack=loc.pack, offset=loc.offset,
+                                              btype=loc.btype, cid=cid, codec=loc.codec),
         )
 
     def read(self, cid: bytes, *, full: bool = False) -> bytes | memoryview:
@@ -148,11 +155,19 @@ def verify_pack(backend: Backend, name: str, seed: int) -> int:
     entries = read_pack_trailer(backend, name, info.size)
     blob = backend.load("data", name)
     mv = memoryview(blob)
+    sealer = sealer_of(backend)
     for e in entries:
-        off, n = int(e["offset"]), int(e["stored_len"])
+        off, n, cid, codec = int(e["offset"]), int(e["stored_len"]), bytes(e["id"]), int(e["codec"])
+        btype = int(e["type"])
+
+        def unseal(b: bytes | memoryview, o: int = off, c: bytes = cid, t: int = btype,
+                   k: int = codec) -> bytes | memoryview:
+            return sealer.open_blob(b, pack=name, offset=o, btype=t, cid=c, codec=k)
+
         check_blob(
-            mv[off : off + n], cid=bytes(e["id"]), codec=int(e["codec"]),
+            mv[off : off + n], cid=cid, codec=codec,
             raw_len=int(e["raw_len"]), seed=seed, crc=int(e["crc"]), digest=bytes(e["digest"]),
+            digest_fn=sealer.digest, unseal=unseal,
         )
     return info.size
 

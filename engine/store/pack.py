@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from snapferry.engine.errors import CorruptionError
 from snapferry.engine.store.backend import Backend
 from snapferry.engine.store.blobs import ENTRY, ENTRY_SIZE, crc32, parse_entries
+from snapferry.engine.store.crypto import ENC_AES_GCM, SEAL_OVERHEAD, Sealer, sealer_of
 from snapferry.engine.store.hashing import strong_digest
 
 PACK_MAGIC = b"SFPK"
@@ -28,6 +30,9 @@ GROUP = struct.Struct(">32sI")
 PACK_HEADER_SIZE = PACK_HEADER.size
 PACK_FOOTER_SIZE = PACK_FOOTER.size
 assert PACK_HEADER_SIZE == 48 and PACK_FOOTER_SIZE == 48
+
+
+DigestFn = Callable[[bytes | memoryview], bytes]
 
 
 def new_pack_id() -> bytes:
@@ -56,7 +61,8 @@ class PackWriter:
     def __init__(self, backend: Backend, target_size: int, key_id: int = 0) -> None:
         self.backend = backend
         self.target = target_size
-        self.key_id = key_id
+        self.sealer = sealer_of(backend)
+        self.key_id = key_id or self.sealer.key_id
         self.written = WrittenObjects()
         self._start()
 
@@ -78,6 +84,10 @@ class PackWriter:
         if self.entries and len(self.buf) + n > self.target:
             self.flush()
         off = len(self.buf)
+        if self.sealer.encrypted:  # docs/FORMAT.md, *Encryption*
+            stored = self.sealer.seal_blob(stored, pack=self.pack_id, offset=off, btype=btype,
+                                           cid=cid)
+            n, codec = len(stored), codec | ENC_AES_GCM << 4
         self.buf += stored
         entry = ENTRY.pack(cid, btype, codec, 0, off, n, raw_len, crc32(stored), digest)
         self.entries.append(entry)
@@ -90,16 +100,22 @@ class PackWriter:
             return out
         trailer = b"".join(self.entries)
         header = bytes(self.buf[:PACK_HEADER_SIZE])
-        footer = PACK_FOOTER.pack(
-            len(self.entries), len(trailer), strong_digest(header + trailer), 0, PACK_END
-        )
-        self.buf += trailer
-        self.buf += footer
         name = self.pack_id.hex()
+        if isinstance(self.sealer, Sealer):
+            self.buf += self.sealer.seal_trailer(header, trailer)
+            self.buf += struct.pack(">II", len(self.entries), len(trailer) + SEAL_OVERHEAD)
+            self.buf += self.sealer.pack_tag(name, self.buf) + struct.pack(">I4s", 0, PACK_END)
+        else:
+            footer = PACK_FOOTER.pack(
+                len(self.entries), len(trailer), strong_digest(header + trailer), 0, PACK_END
+            )
+            self.buf += trailer
+            self.buf += footer
         self.backend.save("data", name, self.buf)
         out.packs.append(name)
         out.pack_bytes += len(self.buf)
-        iname, blob = encode_index_file([(self.pack_id, trailer)], self.key_id)
+        iname, blob = encode_index_file([(self.pack_id, trailer)], self.key_id,
+                                        self.sealer.digest)
         self.backend.save("index", iname, blob)
         out.indexes.append(iname)
         out.index_bytes += len(blob)
@@ -111,24 +127,29 @@ class PackWriter:
 # -- index files ---------------------------------------------------------------------------
 
 
-def encode_index_file(groups: list[tuple[bytes, bytes]], key_id: int = 0) -> tuple[str, bytes]:
-    """(name, content) of an index file for ``(pack id, concatenated entries)`` groups."""
+def encode_index_file(
+    groups: list[tuple[bytes, bytes]], key_id: int = 0, digest_fn: DigestFn = strong_digest
+) -> tuple[str, bytes]:
+    """(name, content) of an index file for ``(pack id, concatenated entries)`` groups
+    (``digest_fn``: keyed BLAKE3 in an encrypted repository)."""
     parts = [INDEX_HEADER.pack(INDEX_MAGIC, VERSION, 0, key_id, len(groups))]
     for pid, entries in groups:
         parts.append(GROUP.pack(pid, len(entries) // ENTRY_SIZE))
         parts.append(entries)
     body = b"".join(parts)
-    digest = strong_digest(body)
+    digest = digest_fn(body)
     return digest.hex(), body + digest
 
 
-def decode_index_file(name: str, blob: bytes) -> list[tuple[bytes, np.ndarray]]:
+def decode_index_file(
+    name: str, blob: bytes, digest_fn: DigestFn = strong_digest
+) -> list[tuple[bytes, np.ndarray]]:
     """Check an index file against its name; returns ``(pack id, entries)`` groups."""
     what = f"index file {name[:16]}"
     if len(blob) < INDEX_HEADER.size + 32:
         raise CorruptionError(f"{what}: too short")
     body, digest = memoryview(blob)[:-32], blob[-32:]
-    if strong_digest(body) != digest or digest.hex() != name:
+    if digest_fn(body) != digest or digest.hex() != name:
         raise CorruptionError(f"{what}: content does not match its name (torn or altered)")
     magic, version, _flags, _key, ngroups = INDEX_HEADER.unpack_from(blob, 0)
     if magic != INDEX_MAGIC:
@@ -169,7 +190,8 @@ def read_pack_trailer(backend: Backend, name: str, size: int | None = None) -> n
     footer = backend.load("data", name, size - PACK_FOOTER_SIZE, PACK_FOOTER_SIZE)
     if len(header) != PACK_HEADER_SIZE or len(footer) != PACK_FOOTER_SIZE:
         raise CorruptionError(f"{what}: truncated")
-    magic, version, _f, _key, _r, pid = PACK_HEADER.unpack(header)
+    magic, version, _f, key_id, _r, pid = PACK_HEADER.unpack(header)
+    sealer = sealer_of(backend)
     count, tlen, digest, _r2, end = PACK_FOOTER.unpack(footer)
     if magic != PACK_MAGIC or end != PACK_END:
         raise CorruptionError(f"{what}: bad magic (not a pack, or torn)")
@@ -177,11 +199,18 @@ def read_pack_trailer(backend: Backend, name: str, size: int | None = None) -> n
         raise CorruptionError(f"{what}: version {version} is not supported")
     if pid.hex() != name:
         raise CorruptionError(f"{what}: holds pack {pid.hex()[:16]} (objects swapped or renamed)")
-    if tlen != count * ENTRY_SIZE or tlen > size - PACK_HEADER_SIZE - PACK_FOOTER_SIZE:
+    if key_id != sealer.key_id:
+        raise CorruptionError(f"{what}: sealed with key {key_id:08x}, not this repository's")
+    overhead = SEAL_OVERHEAD if isinstance(sealer, Sealer) else 0
+    if tlen != count * ENTRY_SIZE + overhead or (
+        tlen > size - PACK_HEADER_SIZE - PACK_FOOTER_SIZE
+    ):
         raise CorruptionError(f"{what}: trailer length is inconsistent")
     tstart = size - PACK_FOOTER_SIZE - tlen
     trailer = backend.load("data", name, tstart, tlen)
-    if strong_digest(header + trailer) != digest:
+    if isinstance(sealer, Sealer):  # the AEAD tag authenticates header and trailer
+        trailer = sealer.open_trailer(header, trailer, what)
+    elif strong_digest(header + trailer) != digest:
         raise CorruptionError(f"{what}: header/trailer digest mismatch")
     entries = parse_entries(trailer, count, what=what)
     if count:

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
-from snapferry.engine.store import locks
+from snapferry.engine.store import keys, locks
 from snapferry.engine.store.backend import Backend, ObjectInfo, ObjectMissing
 from snapferry.engine.store.backends.local import LocalBackend
 from snapferry.engine.store.backends.s3open import is_s3_url, new_s3, open_s3
 from snapferry.engine.store.blobs import TYPE_CHUNK, TYPE_PAGE, encode
 from snapferry.engine.store.chunkindex import ChunkIndex
 from snapferry.engine.store.chunks import ChunkReader, ChunkWriterSpec
-from snapferry.engine.store.hashing import chunk_id, strong_digest
+from snapferry.engine.store.crypto import NO_SEALER, MasterKeys, PlainSealer, SealedBackend, Sealer
+from snapferry.engine.store.hashing import chunk_id
 from snapferry.engine.store.index import PAGE_ENTRIES, DiskIndex
 from snapferry.engine.store.manifest import Manifest, decode_pages, encode_pages
 from snapferry.engine.store.pack import PackWriter, WrittenObjects
@@ -39,6 +40,7 @@ DEFAULT_PACK_SIZE = 32 << 20  # see docs/chunk-size.md, *Pack size*
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 4 << 20
 MAX_ZSTD_LEVEL = 19
+ENCRYPTIONS = ("none", "repokey")
 _BACKUP_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.:-")
 
 
@@ -102,12 +104,15 @@ class StoreView:
 class Repository:
     """An open snapferry repository. Build with ``init`` or ``open``."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any]) -> None:
-        self.backend = backend
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], sealer: Sealer | None = None
+    ) -> None:
+        self.sealer: PlainSealer = sealer or NO_SEALER  # docs/FORMAT.md, *Encryption*
+        self.backend: Backend = SealedBackend(backend, sealer) if sealer else backend
         self.path = Path(backend.location)
         self.config = config
         self.chunk_size: int = config["chunk_size"]
-        self.seed: int = int(config["seed"], 16)
+        self.seed: int = sealer.seed if sealer else int(config["seed"], 16)
         self.zstd_level: int = config["zstd_level"]
         self.page_entries: int = config["page_entries"]
         self.pack_size: int = config["pack_size"]
@@ -126,6 +131,8 @@ class Repository:
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
         *,
         pack_size: int = DEFAULT_PACK_SIZE,
+        encryption: str = "none",
+        passphrase: str | None = None,
     ) -> Repository:
         check_chunk_size(chunk_size)
         if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not (
@@ -134,6 +141,10 @@ class Repository:
             raise UsageError(f"compression level must be 1..{MAX_ZSTD_LEVEL}, not {zstd_level}")
         if not (1 << 20) <= pack_size <= (1 << 30):
             raise UsageError(f"pack size must be 1 MiB .. 1 GiB, not {pack_size}")
+        if encryption not in ENCRYPTIONS:
+            raise UsageError(f"encryption must be one of {', '.join(ENCRYPTIONS)}")
+        if encryption != "none" and not passphrase:
+            raise UsageError("an encrypted repository needs a passphrase")
         if is_s3_url(str(path)):  # a bucket (engine/store/backends/s3open.py)
             backend: Backend = new_s3(str(path))
         else:
@@ -157,18 +168,26 @@ class Repository:
             "encryption": "none",
             "key_id": 0,
         }
+        sealer = None
+        if encryption != "none":  # the key object first: a config never lacks its key
+            master = MasterKeys.generate()
+            config.update(encryption=encryption, key_id=master.key_id, seed="0" * 16,
+                          id_hash="xxh3-128-keyed", digest="blake3-256-keyed",
+                          aead="aes-256-gcm")
+            keys.save_key_object(backend, keys.wrap(master, passphrase or "", str(config["id"])))
+            sealer = Sealer(master)
         if not backend.save("config", "config", (json.dumps(config, indent=2) + "\n").encode()):
             raise RepositoryError(f"{backend.location} already holds a repository")
-        return cls(backend, config)
+        return cls(backend, config, sealer)
 
     @classmethod
-    def open(cls, path: Path | str) -> Repository:
+    def open(cls, path: Path | str, passphrase: str | None = None) -> Repository:
         if is_s3_url(str(path)):
-            return cls.open_backend(open_s3(str(path)))
-        return cls.open_backend(LocalBackend(str(path)))
+            return cls.open_backend(open_s3(str(path)), passphrase)
+        return cls.open_backend(LocalBackend(str(path)), passphrase)
 
     @classmethod
-    def open_backend(cls, backend: Backend) -> Repository:
+    def open_backend(cls, backend: Backend, passphrase: str | None = None) -> Repository:
         where = backend.location
         try:
             raw = backend.load("config", "config")
@@ -217,12 +236,20 @@ class Repository:
             ps = config["pack_size"]
             if not isinstance(ps, int) or not (1 << 20) <= ps <= (1 << 30):
                 raise ValueError("pack_size")
-            if config.get("encryption", "none") != "none":
+            enc = config.get("encryption", "none")
+            if enc not in ENCRYPTIONS:
                 raise RepositoryError(
-                    f"repository {where} is encrypted, which this snapferry cannot read yet"
+                    f"repository {where} uses encryption {enc!r}, unknown to this snapferry"
                 )
+            if not isinstance(config.get("key_id", 0), int) or (enc == "none") != (
+                config.get("key_id", 0) == 0
+            ):
+                raise ValueError("key_id")
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptionError(f"{where}/config: invalid config ({e})") from None
+        if enc != "none":
+            sealer, _name = keys.unlock(backend, config, passphrase)
+            return cls(backend, config, sealer)
         return cls(backend, config)
 
     # -- locking -------------------------------------------------------------------
@@ -340,7 +367,7 @@ class Repository:
             pid = chunk_id(self.seed, raw)
             if pid == index.page_ids[p]:
                 continue
-            digest = strong_digest(raw)
+            digest = self.sealer.digest(raw)
             index.page_ids[p] = pid
             if seen is not None and pid in seen:
                 continue
