@@ -131,8 +131,10 @@ def test_lying_tracker_is_caught_and_the_disk_read_fully(
     # the backup turned itself into a full read of the disk ...
     assert d["bytes_read"] == SIZE
     # ... storing only what really changed (dedup): the recorded and the missed chunks
-    # (every recorded chunk holds 0x11, stored by the blind backup; every missed one 0x5C)
-    assert d["chunks_new"] == 1
+    # (every recorded chunk holds 0x11, stored by the blind backup; every missed one 0x5C):
+    # one new chunk, stored at most once per worker (workers dedup against the repository's
+    # index, not against each other's unflushed packs: harmless copies prune reclaims)
+    assert 1 <= d["chunks_new"] <= inc["workers"]
     # ... and the restore point is the disk, byte for byte
     assert restored(repo, inc["backup_id"], tmp_path / "inc.raw") == want
 
@@ -175,7 +177,8 @@ def test_honest_tracker_gives_no_false_alarm(
     assert d["cbt_audit"] == {"sampled": N_CHUNKS - len(RECORDED), "mismatched": 0,
                               "population": N_CHUNKS - len(RECORDED)}
     assert d["full_reason"] is None
-    assert d["chunks_new"] == 1 and d["bytes_stored"] > 0  # the one 0x22 chunk
+    assert 1 <= d["chunks_new"] <= inc["workers"]  # the 0x22 chunk, once per worker at most
+    assert d["bytes_stored"] > 0
     assert restored(repo, inc["backup_id"], tmp_path / "inc.raw") == disk_bytes(
         img, tmp_path / "want.raw")
     # --audit 0: the dirty chunks only
@@ -204,8 +207,7 @@ def test_missed_write_next_to_a_dirty_run_is_caught_at_a_tiny_rate(
     assert line.startswith("snapferry: warning: disk disk: changed-block audit: 1 of ")
     assert line.endswith("the tracker missed writes; reading the whole disk")
     inc = json.loads(run_cli("list", "--repo", repo, "--json").stdout)["backups"][-1]
-    (d,) = json.loads((next(repo.glob(f"backups/*/{inc['backup_id']}/manifest.json"))
-                       ).read_text())["disks"]
+    (d,) = inc["disks"]  # list --json carries each disk's recorded audit
     assert d["cbt_audit"]["sampled"] <= 3  # 1 uniform + the 2 neighbours of chunk 200
     assert d["cbt_audit"]["mismatched"] == 1
     assert d["bytes_read"] == SIZE
