@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from snapferry.engine.errors import CorruptionError, SnapferryError, UsageError
+from snapferry.engine.errors import CorruptionError, RepositoryError, SnapferryError, UsageError
 from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.store.blobs import check_blob
 from snapferry.engine.store.chunks import ChunkReader
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import Manifest
@@ -162,12 +163,16 @@ def _windows(index: DiskIndex) -> Iterator[tuple[int, np.ndarray]]:
         yield start, np.concatenate(buf)
 
 
-def _ordered(
-    reader: ChunkReader, groups: list[tuple[bytes, np.ndarray]]
-) -> list[tuple[bytes, np.ndarray]]:
-    """The groups in pack order (sequential reads of each pack)."""
+Group = tuple[bytes, np.ndarray, int]
+"""(chunk id, chunk numbers using it, chunk-index row of the copy to read or -1)."""
+MAX_COALESCE = 8 << 20
+"""Adjacent blobs of one pack are read with one ranged read of at most this many bytes."""
+
+
+def _ordered(reader: ChunkReader, groups: list[tuple[bytes, np.ndarray]]) -> list[Group]:
+    """The groups in pack order (sequential reads of each pack), with their rows."""
     if not groups:
-        return groups
+        return []
     ids = np.frombuffer(b"".join(g[0] for g in groups), dtype=np.uint8).reshape(-1, 16)
     rows = reader.index.locations_for(ids)
     t = reader.index.table
@@ -175,13 +180,12 @@ def _ordered(
     key_pack = np.where(rows >= 0, t["pack"][safe].astype(np.int64), -1)
     key_off = np.where(rows >= 0, t["offset"][safe].astype(np.int64), 0)
     order = np.lexsort((key_off, key_pack))
-    return [groups[i] for i in order.tolist()]
+    rl = rows.tolist()
+    return [(groups[i][0], groups[i][1], int(rl[i])) for i in order.tolist()]
 
 
-def _batches(
-    groups: Iterator[tuple[bytes, np.ndarray]], per: int
-) -> Iterator[list[tuple[bytes, np.ndarray]]]:
-    batch: list[tuple[bytes, np.ndarray]] = []
+def _batches(groups: Iterator[Group], per: int) -> Iterator[list[Group]]:
+    batch: list[Group] = []
     for g in groups:
         batch.append(g)
         if len(batch) >= per:
@@ -208,8 +212,12 @@ def _write_chunks(
     unique = 0
     wb = _Writeback(fd)
 
-    def one(cid: bytes, positions: np.ndarray) -> int:
-        data = reader.read(cid)
+    table = reader.index.table
+    packs = reader.index.packs
+
+    def one(cid: bytes, positions: np.ndarray, data: bytes | memoryview | None = None) -> int:
+        if data is None:
+            data = reader.read(cid)  # every copy tried; the error names the fault
         mv = memoryview(data)
         have = len(mv)
         n = 0
@@ -228,8 +236,57 @@ def _write_chunks(
             n += want
         return n
 
-    def batch(items: list[tuple[bytes, np.ndarray]]) -> int:
-        return sum(one(cid, pos) for cid, pos in items)
+    def batch(items: list[Group]) -> int:
+        """Runs of adjacent blobs of one pack are read with one ranged read and checked
+        one by one (keyed id); anything that fails goes the slow way (``reader.read``:
+        other copies, the precise error)."""
+        n = 0
+        i = 0
+        while i < len(items):
+            row = items[i][2]
+            if row < 0:
+                n += one(items[i][0], items[i][1])
+                i += 1
+                continue
+            pack = int(table["pack"][row])
+            start = int(table["offset"][row])
+            end = start + int(table["stored_len"][row])
+            j = i + 1
+            while j < len(items):
+                r = items[j][2]
+                if r < 0 or int(table["pack"][r]) != pack or int(table["offset"][r]) != end:
+                    break
+                if end + int(table["stored_len"][r]) - start > MAX_COALESCE:
+                    break
+                end += int(table["stored_len"][r])
+                j += 1
+            if j - i == 1:
+                n += one(items[i][0], items[i][1])
+                i = j
+                continue
+            buf: memoryview | None = None
+            try:
+                got = reader.backend.load("data", packs[pack].hex(), start, end - start)
+                if len(got) == end - start:
+                    buf = memoryview(got)
+            except RepositoryError:
+                buf = None
+            for k in range(i, j):
+                cid, pos, r = items[k]
+                data: bytes | memoryview | None = None
+                if buf is not None:
+                    off = int(table["offset"][r]) - start
+                    try:
+                        data = check_blob(
+                            buf[off : off + int(table["stored_len"][r])], cid=cid,
+                            codec=int(table["codec"][r]), raw_len=int(table["raw_len"][r]),
+                            seed=reader.seed,
+                        )
+                    except CorruptionError:
+                        data = None
+                n += one(cid, pos, data)
+            i = j
+        return n
 
     def done(n: int) -> None:
         nonlocal written
@@ -237,7 +294,7 @@ def _write_chunks(
         wb.wrote(n)
         progress.advance(n)
 
-    def all_groups() -> Iterator[tuple[bytes, np.ndarray]]:
+    def all_groups() -> Iterator[Group]:
         nonlocal unique
         for base, ids in _windows(index):
             g = _ordered(reader, _groups(ids, base))

@@ -171,3 +171,23 @@ def test_missing_chunk(repo: Repository, image: Path, tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(CorruptionError, match="missing"):
         restore(repo, m.backup_id, to=tmp_path / "o.raw")
+
+
+def test_a_bad_blob_inside_a_coalesced_read_is_named(tmp_path: Path) -> None:
+    """Adjacent blobs of one pack are read with one ranged read; a damaged one in the
+    middle falls back to the per-chunk read, whose error names it; the rest is intact."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=64 << 10)
+    img = tmp_path / "rnd.img"
+    img.write_bytes(os.urandom(16 * (64 << 10)))  # raw blobs, back to back in one pack
+    m = backup_image(repo, {"sda": img})
+    idx = repo.load_index(m.backup_id, "sda")
+    packs = {blob_location(repo, idx.get(i))[0] for i in range(16)}
+    assert len(packs) == 1
+    good = tmp_path / "good.raw"
+    restore(repo, m.backup_id, to=good)
+    assert good.read_bytes() == img.read_bytes()
+    victim = idx.get(7)
+    flip_blob(repo, victim)
+    with pytest.raises(CorruptionError, match=victim.hex()):
+        restore(repo, m.backup_id, to=tmp_path / "bad.raw")
+    assert not (tmp_path / "bad.raw").exists()
