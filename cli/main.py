@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     vm = _vm_module()
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo (cli/vm.py)
+    from snapferry.cli import files, instant, serve  # instant recovery (issue 13)
+
+    for extra in (serve, files):
+        COMMANDS[extra.NAME] = extra.add_command(sub)
     return parser
 
 

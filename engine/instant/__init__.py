@@ -1,0 +1,1 @@
+"""Instant recovery: boot a VM straight from a restore point, then restore it live."""
