@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         vm.add_vm_commands(sub)  # lab, demo (cli/vm.py)
     from snapferry.cli import files, instant, serve  # instant recovery (issue 13)
 
-    for extra in (serve, files):
+    for extra in (serve, instant, files):
         COMMANDS[extra.NAME] = extra.add_command(sub)
     return parser
 

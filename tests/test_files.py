@@ -54,7 +54,7 @@ def ext4_point(tmp_path: Path) -> tuple[Repository, str, Path]:
 
 
 def test_ls_lists_what_the_filesystem_holds(ext4_point: tuple[Repository, str, Path]) -> None:
-    repo, bid, root = ext4_point
+    repo, bid, _ = ext4_point
     p = run_cli("files", bid, "ls", "/etc", "--repo", repo.path, "--disk", "vda", "--json")
     assert p.returncode == 0, p.stderr
     entries = {e["name"]: e for e in json.loads(p.stdout)["entries"]}
