@@ -131,7 +131,7 @@ def _wait_mid_copy(qmp_socket: str, proc: subprocess.Popen[str]) -> dict[str, An
     while time.monotonic() < deadline:
         assert proc.poll() is None, "instant exited before the copy started"
         j = _job(qmp_socket)
-        if j is not None and 0 < j["offset"] and not j.get("ready"):
+        if j is not None and j["offset"] > 0 and not j.get("ready"):
             return j
         time.sleep(0.05)
     raise AssertionError("the copy job never showed progress")
