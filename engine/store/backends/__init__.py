@@ -1,0 +1,1 @@
+"""Implementations of the ``Backend`` seam (``snapferry.engine.store.backend``)."""
