@@ -91,7 +91,8 @@ def test_tcp_port_and_clean_stop_on_sigint(
     assert code == 0, s.stderr
     assert s.stderr == ""
     assert not pid_alive(nbdkit_pid)
-    with socket.socket() as again:  # the port is free again
+    with socket.socket() as again:  # nothing listens there any more (TIME_WAIT allowed)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
 
 

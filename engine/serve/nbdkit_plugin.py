@@ -8,11 +8,11 @@ parameters, in this order on nbdkit's command line:
                             (added with ``site.addsitedir``, so .pth files, i.e. an
                             editable install, work too)
     repo=PATH backup=ID disk=NAME
-    cache=BYTES readahead=BYTES   (optional)
+    cache=BYTES readahead=BYTES model=serialize_requests|parallel   (optional)
 
-Requests run in parallel (``THREAD_MODEL_PARALLEL``: zstd and the file reads release
-the GIL) on one shared ``RestorePointSource``, so every connection shares one chunk
-cache. The export is read-only, so multi-conn is safe. ``extents`` reports zero chunks
+Connections run in parallel (zstd and the file reads release the GIL), each one's
+requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
+every connection shares one chunk cache and its read-ahead. The export is read-only, so multi-conn is safe. ``extents`` reports zero chunks
 as holes (``HOLE|ZERO``) for ``base:allocation``. A chunk that fails its checks makes
 the read fail with EIO and logs one line (once per chunk) on nbdkit's stderr.
 """
@@ -45,7 +45,14 @@ def _log(msg: str) -> None:
 
 
 def thread_model() -> int:
-    return int(nbdkit.THREAD_MODEL_PARALLEL)
+    """``model=serialize_requests`` (the default): one request at a time per connection,
+    connections in parallel. nbdkit 1.32 aborts (``raw_send_socket: Assertion
+    `sock >= 0' failed``) when a client hangs up after a failed read while other
+    requests of that connection are in flight under the parallel model (seen with
+    nbdkit's own file plugin and error filter too), so ``parallel`` is opt-in."""
+    if _params.get("model") == "parallel":
+        return int(nbdkit.THREAD_MODEL_PARALLEL)
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 def config(key: str, value: str) -> None:
@@ -53,7 +60,7 @@ def config(key: str, value: str) -> None:
         for d in value.split(":"):
             if d and d not in sys.path:
                 site.addsitedir(d)
-    elif key in ("repo", "backup", "disk", "cache", "readahead"):
+    elif key in ("repo", "backup", "disk", "cache", "readahead", "model"):
         _params[key] = value
     else:
         raise ValueError(f"unknown parameter {key!r}")

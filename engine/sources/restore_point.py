@@ -38,6 +38,7 @@ from snapferry.engine.source import Extent
 DEFAULT_CACHE_BYTES = 32 << 20
 DEFAULT_READAHEAD_BYTES = 4 << 20
 _PREFETCH_THREADS = 2
+_ZEROS = memoryview(bytes(4 << 20))
 
 
 class ChunkReader(Protocol):
@@ -219,10 +220,10 @@ class RestorePointSource:
             hi = min(offset + total, c_off + cs) - c_off
             n = hi - lo
             if not self._nonzero[i]:
-                mv[pos : pos + n] = bytes(n)
+                mv[pos : pos + n] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
             else:
                 data = self._chunk(i)
-                mv[pos : pos + n] = data[lo:hi]
+                mv[pos : pos + n] = memoryview(data)[lo:hi]  # one copy, no slice object
             pos += n
 
     def spec(self) -> RestorePointSpec:
