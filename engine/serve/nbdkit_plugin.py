@@ -8,7 +8,8 @@ parameters, in this order on nbdkit's command line:
                             (added with ``site.addsitedir``, so .pth files, i.e. an
                             editable install, work too)
     repo=PATH backup=ID disk=NAME
-    cache=BYTES readahead=BYTES model=serialize_requests|parallel   (optional)
+    cache=BYTES readahead=BYTES    (optional)
+    model=serialize_requests|parallel   (optional, see thread_model)
 
 Connections run in parallel (zstd and the file reads release the GIL), each one's
 requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
