@@ -13,8 +13,9 @@ parameters, in this order on nbdkit's command line:
 
 Connections run in parallel (zstd and the file reads release the GIL), each one's
 requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
-every connection shares one chunk cache and its read-ahead. The export is read-only, so multi-conn is safe. ``extents`` reports zero chunks
-as holes (``HOLE|ZERO``) for ``base:allocation``. A chunk that fails its checks makes
+every connection shares one chunk cache and its read-ahead. The export is read-only,
+so multi-conn is safe. ``extents`` reports zero chunks as holes (``HOLE|ZERO``) for
+``base:allocation``. A chunk that fails its checks makes
 the read fail with EIO and logs one line (once per chunk) on nbdkit's stderr.
 """
 
