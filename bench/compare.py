@@ -747,7 +747,7 @@ def _chunk_size(repo: Path, j: dict[str, Any], requested: str | None) -> int | N
     except (OSError, ValueError, AttributeError):
         pass
     bid = str(j.get("backup_id", ""))
-    for man in repo.glob("backups/**/manifest.json"):
+    for man in repo.glob("snapshots/*"):
         if bid and bid not in str(man):
             continue
         try:

@@ -1,29 +1,35 @@
-"""Macro benchmark behind the store defaults (chunk size, zstd level): see docs/chunk-size.md.
+"""Macro benchmark behind the store defaults (chunk size, zstd level): docs/chunk-size.md.
 
-    .venv/bin/python bench/store_chunk_size.py IMAGE [--workdir DIR] [--sizes 64K,256K,1M,4M]
+    .venv/bin/python bench/store_chunk_size.py IMAGE [--sizes 64K,128K,256K,512K]
+        [--levels 1,3,6,9,19] [--workers 2]
 
-IMAGE should be a realistic disk (e.g. an ext4 image filled with real files, holes
-left). For each chunk size: a full backup (one process, the worker hot path done
-sequentially), an incremental after rewriting 1 % of the 64 KiB blocks at random, a
-restore, and the repository's size on disk. Then zstd level 1 vs 3 on the image's
-non-zero chunks. Prints a Markdown table.
+IMAGE should be a realistic disk (e.g. ``mke2fs -t ext4 -d /usr/share IMAGE 2G``). For
+each chunk size, through the real pipeline (``run_backup``, worker processes, packs):
+a full backup, an incremental after rewriting 1 % of the 64 KiB blocks at random, a
+restore, the stored bytes and the chunk-index table's bytes; beside it ``zstd -T0 -3``
+over the same image. Then a full backup at each zstd level at one chunk size. Prints
+Markdown tables (one run: quote ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from store_helpers import backup_image, chunks_of, overwrite_random
+from store_helpers import overwrite_random
 
+from snapferry.engine.backup import BackupOptions, DiskInput, run_backup
 from snapferry.engine.restore import restore
-from snapferry.engine.store import DEFAULT_ZSTD_LEVEL, Repository, encode_chunk, is_zero
+from snapferry.engine.sources.file import FileSource
+from snapferry.engine.store import Repository
 from snapferry.engine.verify import repo_info
 
 KiB = 1024
@@ -35,103 +41,87 @@ def parse_size(s: str) -> int:
     return int(s[:-1]) * mult[s[-1].upper()] if s[-1].upper() in mult else int(s)
 
 
-def human(n: float) -> str:
-    return f"{n / MiB:.1f} MiB"
+def cpu() -> float:
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def bench_chunk_size(
-    image: Path, work: Path, cs: int, block_writes: int, level: int
-) -> dict[str, float]:
-    d = work / f"cs{cs}"
+def zstd_time(image: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(["zstd", "-T0", "-3", "-q", "-f", "-c", str(image)],
+                   stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+
+
+def one(image: Path, work: Path, cs: int, level: int, workers: int, incr: bool) -> dict[str, float]:
+    d = work / f"cs{cs}-l{level}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    img = d / "disk.img"
-    os.system(f"cp --sparse=always {image} {img}")
     repo = Repository.init(d / "repo", chunk_size=cs, zstd_level=level)
-    t, c = time.perf_counter(), time.process_time()
-    full = backup_image(repo, {"sda": img})
-    t_full, c_full = time.perf_counter() - t, time.process_time() - c
-    size_full = repo_info(repo)["size_on_disk"]
-    offs = overwrite_random(img, block_writes, 64 * KiB, seed=42)
-    changed = chunks_of(offs, 64 * KiB, cs)
-    t, c = time.perf_counter(), time.process_time()
-    inc = backup_image(repo, {"sda": img}, parent=full, changed={"sda": changed})
-    t_inc, c_inc = time.perf_counter() - t, time.process_time() - c
+    opts = BackupOptions(workers=workers, verify="quick", no_parent=True)
+    t, c = time.perf_counter(), cpu()
+    full = run_backup(repo, "vm", [DiskInput("sda", FileSource(image))], opts, consistency="n/a")
+    res: dict[str, float] = {"full_s": time.perf_counter() - t, "full_cpu": cpu() - c}
     info = repo_info(repo)
-    out = d / "restored.raw"
-    t = time.perf_counter()
-    restore(repo, inc.backup_id, to=out, workers=2)
-    t_restore = time.perf_counter() - t
-    ok = out.read_bytes() == img.read_bytes()
-    e = inc.disks[0]
-    res = {
-        "cs": cs,
-        "full_s": t_full,
-        "full_cpu": c_full,
-        "inc_cpu": c_inc,
-        "full_chunks": full.disks[0].chunks_new,
-        "full_on_disk": size_full,
-        "inc_s": t_inc,
-        "inc_read": e.bytes_read,
-        "inc_stored": e.bytes_stored,
-        "inc_on_disk": info["size_on_disk"] - size_full,
-        "restore_s": t_restore,
-        "restore_ok": ok,
-        "files": info["chunks"],
-    }
+    res["stored"] = info["size_on_disk"]
+    res["chunks"] = info["chunks"]
+    res["index_mem"] = info["index_memory_bytes"]
+    if incr:
+        img = d / "disk.img"
+        subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
+        size = img.stat().st_size
+        offs = overwrite_random(img, max(1, size // (64 * KiB) // 100), 64 * KiB, seed=42)
+        changed = [(o, 64 * KiB) for o in sorted(offs)]
+        t, c = time.perf_counter(), cpu()
+        inc = run_backup(repo, "vm", [DiskInput("sda", FileSource(img), changed=changed)],
+                         BackupOptions(workers=workers, verify="quick"), consistency="n/a")
+        res["inc_s"] = time.perf_counter() - t
+        res["inc_cpu"] = cpu() - c
+        res["inc_read"] = inc.bytes_read
+        res["changed"] = len(offs) * 64 * KiB
+        out = d / "restored.raw"
+        t = time.perf_counter()
+        restore(repo, inc.backup_id, to=out, workers=2)
+        res["restore_s"] = time.perf_counter() - t
+        res["ok"] = float(subprocess.run(["cmp", "-s", str(out), str(img)]).returncode == 0)
+        del full
     shutil.rmtree(d, ignore_errors=True)
     return res
-
-
-def bench_levels(image: Path, cs: int, levels: list[int]) -> list[tuple[int, float, int, int]]:
-    chunks: list[bytes] = []
-    with open(image, "rb") as f:
-        while True:
-            b = f.read(cs)
-            if not b:
-                break
-            if not is_zero(b):
-                chunks.append(b)
-    raw = sum(len(c) for c in chunks)
-    out = []
-    for lvl in levels:
-        t = time.process_time()
-        stored = sum(len(encode_chunk(c, level=lvl)) for c in chunks)
-        out.append((lvl, time.process_time() - t, raw, stored))
-    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("image", type=Path)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sf-bench-work"))
-    ap.add_argument("--sizes", default="64K,256K,1M,4M")
-    ap.add_argument("--levels", default="1,3")
-    ap.add_argument("--level", type=int, default=DEFAULT_ZSTD_LEVEL)
-    ap.add_argument("--level-chunk", default="1M")
+    ap.add_argument("--sizes", default="64K,128K,256K,512K")
+    ap.add_argument("--levels", default="1,3,6,9,19")
+    ap.add_argument("--level-chunk", default="256K")
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     size = a.image.stat().st_size
-    writes = max(1, size // (64 * KiB) // 100)
-    print(f"image {a.image}: {human(size)}, {writes} random 64 KiB writes (1 %), zstd {a.level}\n")
-    print("| chunk | full s (cpu) | full on disk | chunk files | incr s (cpu) | incr read "
-          "| incr new stored | incr on disk | restore s | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    used = os.stat(a.image).st_blocks * 512
+    z = zstd_time(a.image)
+    print(f"image {a.image}: {size / MiB:.0f} MiB virtual, {used / MiB:.0f} MiB allocated; "
+          f"zstd -T0 -3: {z:.2f} s\n")
+    print("| chunk | full s | full ÷ zstd | full CPU s | stored MiB | chunks | index table "
+          "| incr s | incr ÷ full | incr read ÷ changed | restore s | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in a.sizes.split(","):
-        r = bench_chunk_size(a.image, a.workdir, parse_size(s), writes, a.level)
-        print(
-            f"| {s} | {r['full_s']:.2f} ({r['full_cpu']:.2f}) | {human(r['full_on_disk'])} | "
-            f"{r['files']} | {r['inc_s']:.2f} ({r['inc_cpu']:.2f}) | {human(r['inc_read'])} | "
-            f"{human(r['inc_stored'])} | "
-            f"{human(r['inc_on_disk'])} | {r['restore_s']:.2f} | {r['restore_ok']} |",
-            flush=True,
-        )
-    print(f"\nzstd levels on non-zero {a.level_chunk} chunks (one core):\n")
-    print("| level | cpu seconds | MB/s | raw | stored | ratio |")
-    print("|---|---|---|---|---|---|")
-    levels = [int(x) for x in a.levels.split(",")]
-    for lvl, secs, raw, stored in bench_levels(a.image, parse_size(a.level_chunk), levels):
-        print(f"| {lvl} | {secs:.2f} | {raw / secs / 1e6:.0f} | {human(raw)} | {human(stored)} "
-              f"| {raw / stored:.2f} |")
+        r = one(a.image, a.workdir, parse_size(s), 1, a.workers, True)
+        print(f"| {s} | {r['full_s']:.2f} | {r['full_s'] / z:.2f} | {r['full_cpu']:.1f} | "
+              f"{r['stored'] / MiB:.0f} | {int(r['chunks'])} | {r['index_mem'] / KiB:.0f} KiB | "
+              f"{r['inc_s']:.2f} | {100 * r['inc_s'] / r['full_s']:.0f} % | "
+              f"{r['inc_read'] / r['changed']:.1f} | {r['restore_s']:.2f} | "
+              f"{bool(r['ok'])} |", flush=True)
+    cs = parse_size(a.level_chunk)
+    print(f"\nzstd level at {a.level_chunk} chunks (full backup, {a.workers} workers):\n")
+    print("| level | full s | full ÷ zstd -T0 -3 | CPU s | stored MiB |")
+    print("|---|---|---|---|---|")
+    for lvl in (int(x) for x in a.levels.split(",")):
+        r = one(a.image, a.workdir, cs, lvl, a.workers, False)
+        print(f"| {lvl} | {r['full_s']:.2f} | {r['full_s'] / z:.2f} | {r['full_cpu']:.1f} | "
+              f"{r['stored'] / MiB:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,8 @@ from collections.abc import Iterator
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from snapferry.engine.store import (
-    Repository,
-    chunk_id,
-    decode_chunk,
-    encode_chunk,
-    is_zero,
-    strong_digest,
-)
-from snapferry.engine.store.chunkfmt import compressor, decompressor
+from snapferry.engine.store import Repository, chunk_id, is_zero, strong_digest
+from snapferry.engine.store.blobs import compressor, decode, encode
 
 MiB = 1 << 20
 SEED = 0x1234_5678_9ABC_DEF0
@@ -62,50 +55,44 @@ def test_is_zero(benchmark: BenchmarkFixture) -> None:
 
 
 @pytest.mark.parametrize("level", [1, 3])
-def test_encode_chunk(benchmark: BenchmarkFixture, level: int) -> None:
+def test_encode_blob(benchmark: BenchmarkFixture, level: int) -> None:
     cctx = compressor(level)
-    blob = benchmark(encode_chunk, memoryview(DATA), level=level, cctx=cctx)
-    assert len(blob) < len(DATA) * 0.6
+    _codec, stored = benchmark(encode, memoryview(DATA), level=level, cctx=cctx)
+    assert len(stored) < len(DATA) * 0.6
 
 
-def test_decode_chunk(benchmark: BenchmarkFixture) -> None:
-    blob = encode_chunk(DATA, level=1)
-    out = benchmark(decode_chunk, blob, dctx=decompressor())
-    assert out == DATA
+def test_decode_blob(benchmark: BenchmarkFixture) -> None:
+    codec, stored = encode(DATA, level=1)
+    out = benchmark(decode, codec, stored, len(DATA))
+    assert bytes(out) == DATA
 
 
-def _fresh_chunks(seed: int) -> Iterator[tuple[bytes, bytes]]:
-    """Distinct (id, blob) pairs: the blob content is the same, the id is not (the
-    store does not look inside blobs), so each put creates a new file."""
-    blob = encode_chunk(DATA, level=1)
+def _fresh_chunks() -> Iterator[tuple[bytes, bytes]]:
+    """Distinct ids with the same content (the writer does not look inside for dedup
+    beyond the id and digest), so each store appends a new blob to the pack."""
     for i in itertools.count():
-        yield chunk_id(seed, i.to_bytes(8, "big")), blob
+        yield chunk_id(SEED, i.to_bytes(8, "big")), DATA
 
 
-def test_store_put(benchmark: BenchmarkFixture, repo: Repository) -> None:
-    chunks = _fresh_chunks(repo.seed)
+def test_writer_store_new(benchmark: BenchmarkFixture, repo: Repository) -> None:
+    w = repo.writer_spec().open()
+    chunks = _fresh_chunks()
+    digest = strong_digest(DATA)
 
-    def put() -> bool:
-        cid, blob = next(chunks)
-        return repo.store.put(cid, blob)
+    def store() -> bool:
+        cid, data = next(chunks)
+        return w.store(cid, data, digest).new
 
-    assert benchmark(put) is True
-    repo.store.sync()
+    assert benchmark(store) is True
+    w.flush()
 
 
-def test_store_has_and_header(benchmark: BenchmarkFixture, repo: Repository) -> None:
+def test_writer_dedup_hit_and_read(benchmark: BenchmarkFixture, repo: Repository) -> None:
+    w = repo.writer_spec().open()
     cid = chunk_id(repo.seed, DATA)
-    repo.store.put(cid, encode_chunk(DATA, level=1))
-
-    def hit() -> bytes:
-        assert repo.store.has(cid)
-        return repo.store.header(cid).digest
-
-    assert benchmark(hit) == strong_digest(DATA)
-
-
-def test_store_get(benchmark: BenchmarkFixture, repo: Repository) -> None:
-    cid = chunk_id(repo.seed, DATA)
-    blob = encode_chunk(DATA, level=1)
-    repo.store.put(cid, blob)
-    assert benchmark(repo.store.get, cid) == blob
+    w.store(cid, DATA, strong_digest(DATA))
+    w.flush()
+    w2 = repo.writer_spec().open()
+    assert benchmark(lambda: w2.store(cid, DATA, strong_digest(DATA)).new) is False
+    reader = repo.reader()
+    assert bytes(reader.read(cid)) == DATA

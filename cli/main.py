@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="REPO")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
                    help="chunk size (power of two, 64K..4M; default 256K)")
+    p.add_argument("--compression", type=int, default=None, metavar="LEVEL",
+                   help="zstd level 1..19 (default 1; 19 stores least, slowest; "
+                        "see docs/chunk-size.md)")
     _add_json(p)
 
     p = sub.add_parser("backup", help="back up a disk image, an NBD export or a VM")
@@ -212,9 +215,13 @@ def source_kind(source: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, Repository
+    from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, Repository
 
-    repo = Repository.init(args.path, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
+    repo = Repository.init(
+        args.path,
+        chunk_size=DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
+        zstd_level=DEFAULT_ZSTD_LEVEL if args.compression is None else args.compression,
+    )
     if args.json:
         emit_json({"path": str(repo.path), "id": repo.id, "chunk_size": repo.chunk_size,
                    "zstd_level": repo.zstd_level})
@@ -412,6 +419,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key in ("dedup_ratio", "compression_ratio", "total_ratio"):
         if info.get(key) is not None:
             print(f"{key.replace('_', ' '):14} {info[key]}")
+    left = info.get("leftovers") or {}
+    if any(left.values()):
+        print(f"unreferenced   {left['packs']} packs ({human_bytes(left['pack_bytes'])}), "
+              f"{left['index_files']} index files ({human_bytes(left['index_bytes'])}), "
+              f"{left['temp_files']} temp files ({human_bytes(left['temp_bytes'])}): "
+              "left by interrupted backups")
+    for bad in info.get("damaged_restore_points") or []:
+        print(f"damaged        restore point {bad['backup_id']}: {bad['problem']}")
     return 0
 
 

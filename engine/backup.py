@@ -7,12 +7,15 @@ call. It holds the repository lock from construction until ``commit`` or ``abort
   full copy (``DiskInput.changed is None``), or the changed byte ranges rounded out to
   chunks, the rest of the index copied from the parent restore point — go to the
   reader pool; the parent process only assembles the index (numpy) and the counts.
-* verify: every id the new indexes name has a valid chunk header in the store; with
-  ``verify="full"`` the chunks this backup wrote are also read back, decoded and
-  re-hashed (by the workers, in parallel).
-* commit: ``Repository.commit_restore_point`` (indexes, store sync, manifest last).
-* abort: workers killed, chunks this backup created removed, temp files removed, lock
-  released; no manifest. Idempotent.
+* verify: every pack this backup wrote exists; with ``verify="full"`` each is read back
+  and every blob in it decoded and re-hashed (by the workers, in parallel).
+* commit: ``Repository.commit_restore_point`` (changed index pages, their pack and index
+  file, the collision check against concurrent writers, manifest last).
+* abort: workers killed, the packs and index files this backup saved removed, its temp
+  files removed, lock released; no manifest. Idempotent.
+
+The backup holds the repository's *shared* role: other backups may run at once (each
+writes only new, uniquely named objects); only deleters need the exclusive role.
 
 Sources with a ``max_connections`` attribute (NBD) bound the worker count; a source with
 a ``release()`` method (NBD) is asked to drop its connection once its extents are known,
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import resource
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,16 +37,20 @@ import numpy as np
 from snapferry.engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
 from snapferry.engine.pool import (
     BatchResult,
+    Copy,
+    Flush,
     PoolConfig,
     ReaderPool,
+    Request,
     Run,
+    VerifyPacks,
     make_items,
-    verify_messages,
 )
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.source import DiskSource
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import DiskEntry, Manifest
+from snapferry.engine.store.pack import WrittenObjects
 from snapferry.engine.store.repo import Repository
 
 VerifyLevel = Literal["full", "quick"]
@@ -99,6 +106,7 @@ class BackupResult:
     copy_seconds: float = 0.0
     verify_seconds: float = 0.0
     worker_peak_rss_kib: list[int] = field(default_factory=list)
+    parent_peak_rss_kib: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -205,8 +213,8 @@ class BackupSession:
         self._state = "open"
         self._pool: ReaderPool | None = None
         self._disks: list[_DiskState] = []
-        self._new_ids: set[bytes] = set()
-        self._writeback: threading.Thread | None = None
+        self._written = WrittenObjects()
+        self._worker_pids: set[int] = set()
         self._t0 = time.monotonic()
         self._copy_seconds = 0.0
         self._verify_seconds = 0.0
@@ -215,6 +223,8 @@ class BackupSession:
         self._locks = contextlib.ExitStack()
         self._locks.enter_context(repo.lock("backup"))
         try:
+            # index files that exist now (W5: those written later are checked at commit)
+            self._known_index = repo.index_names()
             self.parent: Manifest | None = self._resolve_parent()
             self.backup_id = repo.new_backup_id()
         except BaseException:
@@ -262,7 +272,7 @@ class BackupSession:
         cs = self.repo.chunk_size
         size = d.source.size
         if d.changed is None:
-            index = DiskIndex.empty(size, cs)
+            index = DiskIndex.empty(size, cs, page_entries=self.repo.page_entries)
             runs = merge_runs(allocated_ranges(d.source, 0, size), cs, size)
             return _DiskState(no, d, size, index, runs)
         parent = self.parent
@@ -289,10 +299,8 @@ class BackupSession:
         t0 = time.monotonic()
         cs = self.repo.chunk_size
         cfg = PoolConfig(
-            repo_path=str(self.repo.path),
-            seed=self.repo.seed,
+            store=self.repo.writer_spec(),
             chunk_size=cs,
-            zstd_level=self.repo.zstd_level,
             item_bytes=max(cs, self.options.item_bytes),
         )
         workers = self.options.workers or len(os.sched_getaffinity(0)) or 1
@@ -307,6 +315,7 @@ class BackupSession:
         # after the caller's connections are released.
         pool = self._pool = ReaderPool(cfg, max(1, workers))
         pool.start()
+        self._worker_pids = {sl.proc.pid for sl in pool.slots if sl.proc.pid}
         self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
         for d in disks:
             release = getattr(d.source, "release", None)
@@ -323,51 +332,29 @@ class BackupSession:
         for st in self._disks:
             pool.add_disk(st.no, st.input.source.spec(), st.size)
 
-        def messages() -> Iterator[tuple[Any, ...]]:
+        def messages() -> Iterator[Request]:
             for st in self._disks:
                 for item in make_items(st.no, st.runs, cfg.item_chunks):
-                    yield ("copy", item)
+                    yield Copy(item)
 
         pool.run(messages(), self._on_batch)
-        self._start_writeback()
+        pool.run([Flush()], self._on_written, broadcast=True)
         self.progress.finish()
         self._copy_seconds = time.monotonic() - t0
 
-    def _start_writeback(self) -> None:
-        """Flush the new chunks (``syncfs``) in the background while verify re-reads
-        them: the commit's own ``sync_all`` (the durability point, which reports any
-        error) then finds little left to write. Was a blocking ``sync`` in every worker
-        between copy and verify."""
-        store = self.repo.store
-
-        def flush() -> None:
-            with contextlib.suppress(Exception):
-                store.sync_all()
-
-        t = self._writeback = threading.Thread(target=flush, name="snapferry-writeback")
-        t.daemon = True
-        t.start()
-
-    def _join_writeback(self) -> None:
-        t, self._writeback = self._writeback, None
-        if t is not None:
-            t.join()
+    def _on_written(self, w: WrittenObjects) -> None:
+        self._written.extend(w)
 
     def _on_batch(self, r: BatchResult) -> None:
         st = self._disks[r.disk]
-        st.index.ids[r.chunks] = r.ids
+        st.index.set_many(r.chunks, r.ids)
         st.bytes_read += r.bytes_read
         nonzero = r.ids.any(axis=1)
-        reused = int(np.count_nonzero(nonzero & ~r.new))
-        for k in np.flatnonzero(r.new):
-            cid = r.ids[k].tobytes()
-            if cid in self._new_ids:  # two workers stored the same new chunk
-                reused += 1
-            else:
-                self._new_ids.add(cid)
-                st.chunks_new += 1
-                st.bytes_stored += int(r.stored[k])
-        st.chunks_reused += reused
+        new = int(np.count_nonzero(r.new))
+        st.chunks_new += new
+        st.bytes_stored += int(r.stored.sum())
+        st.chunks_reused += int(np.count_nonzero(nonzero)) - new
+        self._written.extend(r.written)
         self.progress.advance(r.bytes_read)
 
     # -- verify --------------------------------------------------------------------------
@@ -382,30 +369,24 @@ class BackupSession:
 
     def _verify(self) -> None:
         t0 = time.monotonic()
-        referenced: set[bytes] = set()
-        for st in self._disks:
-            referenced |= st.index.unique_ids()
-        missing_new = self._new_ids - referenced
-        if missing_new and self.options.verify == "full":
-            # every chunk written was for some index entry; anything else is a bug
-            raise SnapferryError(
-                f"{len(missing_new)} chunk(s) written but not referenced by the new index"
-            )
-        deep = sorted(self._new_ids & referenced) if self.options.verify == "full" else []
-        quick = sorted(referenced - set(deep))
-        self.progress.start("verify", len(deep) + len(quick))
+        packs = list(self._written.packs)
+        self.progress.start("verify", len(packs))
         pool = self._pool
         assert pool is not None
 
         def counted(r: tuple[int, int]) -> None:
             self.progress.advance(r[0])
 
-        pool.run(verify_messages(quick, deep), counted)
+        msgs: list[Request]
+        if self.options.verify == "full":
+            msgs = [VerifyPacks(deep=(p,)) for p in packs]
+        else:
+            msgs = [VerifyPacks(quick=tuple(packs[i : i + 256])) for i in range(0, len(packs), 256)]
+        pool.run(msgs, counted)
         self.progress.finish()
         pool.close()
         self._rss = pool.stats.peak_rss_kib()
         self._pool = None
-        self._join_writeback()
         self._verify_seconds = time.monotonic() - t0
 
     # -- commit / abort ------------------------------------------------------------------
@@ -463,6 +444,7 @@ class BackupSession:
                 "copy_seconds": round(self._copy_seconds, 3),
                 "verify_seconds": round(self._verify_seconds, 3),
                 "worker_peak_rss_kib": self._rss,
+                "parent_peak_rss_kib": _self_peak_rss_kib(),
             },
         )
         if meta:
@@ -480,7 +462,9 @@ class BackupSession:
             extra=ex,
             verified=self.options.verify,
         )
-        self.repo.commit_restore_point(manifest, indexes)
+        self.backup_id = self.repo.commit_restore_point(
+            manifest, indexes, written=self._written, known_at_start=self._known_index
+        )
         return BackupResult(
             backup_id=self.backup_id,
             vm=self.vm,
@@ -494,6 +478,7 @@ class BackupSession:
             copy_seconds=round(self._copy_seconds, 3),
             verify_seconds=round(self._verify_seconds, 3),
             worker_peak_rss_kib=self._rss,
+            parent_peak_rss_kib=_self_peak_rss_kib(),
         )
 
     def abort(self) -> None:
@@ -505,23 +490,28 @@ class BackupSession:
             if self._pool is not None:
                 self._pool.terminate()
                 self._pool = None
-            if not self._manifest_exists():
-                store = self.repo.store
-                for cid in self._new_ids:
-                    with contextlib.suppress(OSError, RepositoryError):
-                        store.delete(cid)
-                for tmp in store.temp_files():
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+            if not self.repo.has_backup(self.backup_id):
+                self.repo.remove_objects(self._written)
+                mine = {os.getpid(), *self._worker_pids}
+                for left in self.repo.leftovers():
+                    if _temp_pid(left.name) in mine:
+                        with contextlib.suppress(RepositoryError, ValueError):
+                            self.repo.backend.remove_leftover(left)
         finally:
             self._locks.close()
 
-    def _manifest_exists(self) -> bool:
-        try:
-            self.repo.backup_dir(self.backup_id)
-        except RepositoryError:
-            return False
-        return True
+
+def _self_peak_rss_kib() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _temp_pid(name: str) -> int | None:
+    """The writer's pid in a temp name ``.tmp-<name>-<pid>-<random>``."""
+    parts = name.rsplit("-", 2)
+    try:
+        return int(parts[1]) if len(parts) == 3 else None
+    except ValueError:
+        return None
 
 
 def run_backup(

@@ -2,16 +2,20 @@
 
 Each worker (``spawn`` context: VDDK and libnbd handles must be opened in the process
 that uses them) opens its own connection to every disk from the disk's picklable
-``SourceSpec`` and its own ``LocalChunkStore``. The parent hands out *work items*
+``SourceSpec`` and its own ``ChunkWriter`` from the picklable ``ChunkWriterSpec`` (its
+own backend handle, copy of the chunk index and pack). The parent hands out *work items*
 (runs of chunk indexes of one disk, ``item_bytes`` at most) over one pipe per worker,
 with at most ``WINDOW`` items in flight per worker, so memory stays bounded. A worker
 reads a run into its one reused buffer (``readinto``), and for each chunk: zero check
 (→ ``NULL_ID``), keyed XXH3-128 id, dedup check (a hit is accepted only when the
-stored BLAKE3 matches the data: different data never aliases), zstd, ``put``. Chunk
-data never crosses a pipe: only ids and counts come back.
+BLAKE3 in the index matches the data: different data never aliases), zstd, append to
+the worker's pack (saved, with its index file, when it reaches the pack size, and on
+``Flush``). Chunk data never crosses a pipe: only ids, counts and object names come
+back. Messages are typed dataclasses (``Tagged(tag, Copy|Flush|VerifyPacks)``,
+``AddDisk``, ``Stop``; replies ``Ok``, ``Failed``, ``Bug``, ``Bye``).
 
-The same workers do the pre-commit verification (headers of every referenced chunk;
-read-back, decode and re-hash of the chunks this backup wrote).
+The same workers do the pre-commit verification (read-back of every pack this backup
+wrote: trailer, CRC, zstd, id, BLAKE3).
 
 Signals: workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group); the
 parent decides and kills them. A worker that dies is reported as one ``SnapferryError``.
@@ -45,9 +49,9 @@ import numpy as np
 
 from snapferry.engine.errors import CorruptionError, SnapferryError
 from snapferry.engine.source import DiskSource, SourceSpec
-from snapferry.engine.store.chunkfmt import compressor, decode_verified, encode_chunk
+from snapferry.engine.store.chunks import ChunkWriter, ChunkWriterSpec, verify_pack
 from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero, strong_digest
-from snapferry.engine.store.local import LocalChunkStore
+from snapferry.engine.store.pack import WrittenObjects
 
 DEFAULT_ITEM_BYTES = 8 << 20
 WINDOW = 2  # work items in flight per worker (one being processed, one queued)
@@ -61,11 +65,13 @@ Run = tuple[int, int]  # (first chunk index, number of chunks)
 
 @dataclass(frozen=True)
 class PoolConfig:
-    repo_path: str
-    seed: int
+    store: ChunkWriterSpec
     chunk_size: int
-    zstd_level: int
     item_bytes: int = DEFAULT_ITEM_BYTES
+
+    @property
+    def seed(self) -> int:
+        return self.store.seed
 
     @property
     def item_chunks(self) -> int:
@@ -89,9 +95,83 @@ class BatchResult:
     disk: int
     chunks: np.ndarray  # int64 chunk indexes
     ids: np.ndarray  # (n, 16) uint8
-    new: np.ndarray  # bool: this put created the chunk
+    new: np.ndarray  # bool: this worker stored the chunk (a new blob in its pack)
     stored: np.ndarray  # int64: blob bytes written (0 unless new)
     bytes_read: int
+    written: WrittenObjects = field(default_factory=WrittenObjects)  # packs saved meanwhile
+
+
+# -- messages between the parent and a worker (one pipe each way) -------------------------
+
+
+@dataclass(frozen=True)
+class AddDisk:
+    """How to open disk number ``disk`` (no reply)."""
+
+    disk: int
+    spec: SourceSpec
+    size: int
+
+
+@dataclass(frozen=True)
+class Copy:
+    item: WorkItem
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Save the worker's pending pack (and its index file); reply ``WrittenObjects``."""
+
+
+@dataclass(frozen=True)
+class VerifyPacks:
+    """Read back ``deep`` packs fully; check that ``quick`` packs exist. Reply
+    ``(objects checked, bytes read)``."""
+
+    deep: tuple[str, ...] = ()
+    quick: tuple[str, ...] = ()
+
+
+Request = AddDisk | Copy | Flush | VerifyPacks
+
+
+@dataclass(frozen=True)
+class Tagged:
+    tag: int
+    request: Request
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Exit after replying ``Bye``."""
+
+
+@dataclass(frozen=True)
+class Ok:
+    tag: int
+    value: object
+
+
+@dataclass(frozen=True)
+class Failed:
+    tag: int
+    error: SnapferryError
+
+
+@dataclass(frozen=True)
+class Bug:
+    tag: int
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    chunks: int
+    peak_rss_kib: int
+
+
+Reply = Ok | Failed | Bug | Bye
 
 
 @dataclass
@@ -119,12 +199,11 @@ class _Worker:
     def __init__(self, cfg: PoolConfig, worker_no: int) -> None:
         self.cfg = cfg
         self.no = worker_no
-        self.store = LocalChunkStore(cfg.repo_path)
+        self.writer = ChunkWriter(cfg.store)
         self.specs: dict[int, tuple[SourceSpec, int]] = {}
         self.sources: dict[int, DiskSource] = {}
         self.buf = bytearray(max(cfg.item_bytes, cfg.chunk_size))
         self.mv = memoryview(self.buf)
-        self.cctx = compressor(cfg.zstd_level)
         self.done_chunks = 0
         self.kill_after = _env_int(KILL_AFTER_ENV)
         self.stall_after = _env_int(STALL_AFTER_ENV)
@@ -141,6 +220,8 @@ class _Worker:
             with contextlib.suppress(Exception):
                 src.close()
         self.sources.clear()
+        with contextlib.suppress(Exception):
+            self.writer.close()
 
     def _test_hooks(self) -> None:
         if self.kill_after is not None and self.done_chunks >= self.kill_after:
@@ -167,12 +248,8 @@ class _Worker:
         bytes_read = 0
         k = 0
         bufchunks = len(self.buf) // cs
-        store = self.store
-        has_valid = store.has_valid
-        put = store.put
+        store = self.writer.store
         seed = self.cfg.seed
-        level = self.cfg.zstd_level
-        cctx = self.cctx
         mv = self.mv
         hooks = self.kill_after is not None or self.stall_after is not None
         for first, count in item.runs:
@@ -195,44 +272,42 @@ class _Worker:
                     data = mv[a:b]
                     if not is_zero(data):
                         cid = chunk_id(seed, data)
-                        digest = strong_digest(data)
-                        # A dedup hit must be an intact chunk of the same data:
-                        # has_valid() raises on an alias (same id, other data) and
-                        # says False for a chunk file torn by an earlier crash, which
-                        # put(replace=True) then replaces.
-                        if not has_valid(cid, digest, b - a):
-                            blob = encode_chunk(data, level=level, cctx=cctx, digest=digest)
-                            if put(cid, blob, replace=True):
-                                new[k] = True
-                                stored[k] = len(blob)
-                            elif not has_valid(cid, digest, b - a):
-                                raise CorruptionError(
-                                    f"chunk {cid.hex()} could not be stored intact"
-                                )
+                        # A dedup hit must be an undamaged copy of the same data (the
+                        # BLAKE3 recorded in the index); other data under the id raises.
+                        got = store(cid, data, strong_digest(data))
+                        if got.new:
+                            new[k] = True
+                            stored[k] = got.stored
                         idbuf[k * ID_SIZE : (k + 1) * ID_SIZE] = cid
                     k += 1
                 self.done_chunks += take
                 c += take
         ids = np.frombuffer(idbuf, dtype=np.uint8).reshape(n, ID_SIZE)
-        return BatchResult(item.disk, chunks, ids, new, stored, bytes_read)
+        return BatchResult(
+            item.disk, chunks, ids, new, stored, bytes_read, self.writer.take_written()
+        )
 
-    def verify(self, quick: bytes, deep: bytes) -> tuple[int, int]:
-        store = self.store
+    def verify(self, msg: VerifyPacks) -> tuple[int, int]:
+        backend = self.writer.backend
         nbytes = 0
-        count = 0
-        for i in range(0, len(quick), ID_SIZE):
-            store.header(quick[i : i + ID_SIZE])
-            count += 1
-        for i in range(0, len(deep), ID_SIZE):
-            cid = deep[i : i + ID_SIZE]
-            blob = store.get(cid)
+        for name in msg.quick:
+            if backend.stat("data", name) is None:
+                raise CorruptionError(f"pack {name[:16]} written by this backup is missing")
+        for name in msg.deep:
             try:
-                decode_verified(blob, cid, self.cfg.seed, strong=False)
+                nbytes += verify_pack(backend, name, self.cfg.seed)
             except CorruptionError as e:
-                raise CorruptionError(f"chunk {cid.hex()} written by this backup: {e}") from None
-            nbytes += len(blob)
-            count += 1
-        return count, nbytes
+                raise CorruptionError(f"pack {name[:16]} written by this backup: {e}") from None
+        return len(msg.quick) + len(msg.deep), nbytes
+
+    def handle(self, req: Request) -> object:
+        if isinstance(req, Copy):
+            return self.copy(req.item)
+        if isinstance(req, Flush):
+            return self.writer.flush()
+        if isinstance(req, VerifyPacks):
+            return self.verify(req)
+        raise ValueError(f"unknown request {req!r}")
 
 
 def _env_int(name: str) -> int | None:
@@ -261,28 +336,19 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return  # parent gone
-            if msg is None:
-                conn.send(("bye", w.done_chunks, _peak_rss_kib()))
+            if isinstance(msg, Stop):
+                conn.send(Bye(w.done_chunks, _peak_rss_kib()))
                 return
-            kind, tag = msg[0], msg[1]
+            if isinstance(msg, AddDisk):
+                w.specs[msg.disk] = (msg.spec, msg.size)
+                continue  # no reply
+            assert isinstance(msg, Tagged), msg
             try:
-                if kind == "disk":
-                    _k, _t, disk, spec, size = msg
-                    w.specs[disk] = (spec, size)
-                    continue  # no reply
-                if kind == "copy":
-                    conn.send(("ok", tag, w.copy(msg[2])))
-                elif kind == "verify":
-                    conn.send(("ok", tag, w.verify(msg[2], msg[3])))
-                elif kind == "sync":
-                    w.store.sync()
-                    conn.send(("ok", tag, None))
-                else:
-                    raise ValueError(f"unknown message {kind!r}")
+                conn.send(Ok(msg.tag, w.handle(msg.request)))
             except SnapferryError as e:
-                conn.send(("error", tag, e))
+                conn.send(Failed(msg.tag, e))
             except Exception as e:
-                conn.send(("bug", tag, f"{type(e).__name__}: {e}", traceback.format_exc()))
+                conn.send(Bug(msg.tag, f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
         w.close()
 
@@ -420,7 +486,7 @@ class ReaderPool:
     def add_disk(self, disk: int, spec: SourceSpec, size: int) -> None:
         """Tell every worker how to open disk number ``disk`` (opened on first use)."""
         for s in self.slots:
-            self._send(s, ("disk", 0, disk, spec, size))
+            self._send(s, AddDisk(disk, spec, size))
 
     def shrink(self, workers: int) -> None:
         """Kill the workers beyond the first ``workers`` (there is less work than
@@ -445,7 +511,7 @@ class ReaderPool:
         for s in slots:
             if s.alive:
                 with contextlib.suppress(OSError, ValueError):
-                    s.conn.send(None)
+                    s.conn.send(Stop())
         deadline = time.monotonic() + timeout
         for s in slots:
             if not s.alive:
@@ -453,9 +519,9 @@ class ReaderPool:
             try:
                 if s.conn.poll(max(0.0, deadline - time.monotonic())):
                     msg = s.conn.recv()
-                    if msg and msg[0] == "bye":
+                    if isinstance(msg, Bye):
                         self.stats.workers.append(
-                            WorkerStats(s.no, s.proc.pid or 0, msg[1], msg[2])
+                            WorkerStats(s.no, s.proc.pid or 0, msg.chunks, msg.peak_rss_kib)
                         )
             except (EOFError, OSError):
                 pass
@@ -490,7 +556,7 @@ class ReaderPool:
                 s.proc.close()
 
     # -- dispatch ------------------------------------------------------------------------
-    def _send(self, s: _Slot, msg: tuple[Any, ...]) -> None:
+    def _send(self, s: _Slot, msg: Tagged | AddDisk | Stop) -> None:
         try:
             s.conn.send(msg)
         except (OSError, ValueError):
@@ -511,12 +577,12 @@ class ReaderPool:
 
     def run(
         self,
-        messages: Iterable[tuple[Any, ...]],
+        messages: Iterable[Request],
         on_result: Callable[[Any], None],
         *,
         broadcast: bool = False,
     ) -> None:
-        """Send each ``(kind, payload...)`` message to a free worker (or to every worker
+        """Send each request to a free worker (or to every worker
         with ``broadcast``) and call ``on_result`` with each reply in the parent.
         Raises the first error a worker reports, or ``WorkerDied``."""
         if self._closed:
@@ -528,7 +594,7 @@ class ReaderPool:
             for s in self.slots:
                 for m in msgs:
                     tag = self._next_tag()
-                    self._send(s, (m[0], tag, *m[1:]))
+                    self._send(s, Tagged(tag, m))
                     s.pending.append(tag)
         else:
             it = iter(messages)
@@ -544,7 +610,7 @@ class ReaderPool:
                             exhausted = True
                             break
                         tag = self._next_tag()
-                        self._send(s, (nxt[0], tag, *nxt[1:]))
+                        self._send(s, Tagged(tag, nxt))
                         s.pending.append(tag)
                     if exhausted:
                         break
@@ -567,12 +633,14 @@ class ReaderPool:
                 except (EOFError, OSError):
                     self._died(s)
                 s.pending.popleft()
-                if msg[0] == "ok":
-                    on_result(msg[2])
-                elif msg[0] == "error":
-                    raise msg[2]
+                if isinstance(msg, Ok):
+                    on_result(msg.value)
+                elif isinstance(msg, Failed):
+                    raise msg.error
+                elif isinstance(msg, Bug):
+                    raise WorkerBug(f"reader worker {s.no} failed: {msg.message}", msg.traceback)
                 else:
-                    raise WorkerBug(f"reader worker {s.no} failed: {msg[2]}", msg[3])
+                    raise WorkerBug(f"reader worker {s.no} sent {msg!r}", "")
 
 
 def make_items(disk: int, runs: Iterable[Run], item_chunks: int) -> Iterator[WorkItem]:
@@ -593,27 +661,19 @@ def make_items(disk: int, runs: Iterable[Run], item_chunks: int) -> Iterator[Wor
         yield WorkItem(disk, cur)
 
 
-def verify_messages(
-    quick: list[bytes], deep: list[bytes], per_item: int = VERIFY_ITEM_CHUNKS
-) -> Iterator[tuple[str, bytes, bytes]]:
-    """``verify`` messages: header checks for ``quick`` ids, read-back for ``deep`` ids."""
-    for i in range(0, len(deep), per_item):
-        yield ("verify", b"", b"".join(deep[i : i + per_item]))
-    step = per_item * 16
-    for i in range(0, len(quick), step):
-        yield ("verify", b"".join(quick[i : i + step]), b"")
-
-
 __all__ = [
     "NULL_ID",
+    "AddDisk",
     "BatchResult",
+    "Copy",
+    "Flush",
     "PoolConfig",
     "PoolStats",
     "ReaderPool",
+    "VerifyPacks",
     "WorkItem",
     "WorkerBug",
     "WorkerDied",
     "make_items",
-    "verify_messages",
     "worker_main",
 ]

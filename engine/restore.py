@@ -1,10 +1,11 @@
 """Turn a restore point back into a disk image (raw, sparse; or qcow2 via qemu-img).
 
-Restore needs only the repository: every restore point's index is complete, so no
-parent chain is walked. Each distinct chunk is read once, decoded (zstd), checked
-(CRC, BLAKE3, and its keyed XXH3 id) and ``pwrite``-n at every offset that uses it.
-All-null index entries stay holes (the file is ``ftruncate``-d to the virtual size).
-Decoding runs on a thread pool: zstd, BLAKE3, file reads and pwrite release the GIL.
+Restore needs only the repository: every restore point's paged index is complete, so
+no parent chain is walked. The disk's pages are streamed a window at a time; in each
+window every distinct chunk is read once through the ``ChunkReader`` (in pack order),
+decoded, proven by its keyed XXH3 id and ``pwrite``-n at every offset that uses it.
+Null entries and null pages stay holes (the file is ``ftruncate``-d to the virtual
+size). Decoding runs on a thread pool: zstd, reads and pwrite release the GIL.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from snapferry.engine.errors import CorruptionError, SnapferryError, UsageError
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.store.chunkfmt import decode_for_read
+from snapferry.engine.store.chunks import ChunkReader
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import Manifest
 from snapferry.engine.store.repo import Repository
@@ -121,27 +122,60 @@ def pick_disk(manifest: Manifest, disk: str | None) -> str:
     )
 
 
-def _groups(index: DiskIndex) -> tuple[int, Iterator[tuple[bytes, np.ndarray]]]:
-    """(number of distinct non-null ids, iterator of (chunk id, chunk numbers using it)),
-    in the order of first use so the output file is written roughly front to back.
-    Memory: a few integer arrays of the index's length; groups are views made lazily."""
-    nz = np.flatnonzero(index.nonzero_mask())
+WINDOW_PAGES = 16
+"""Pages grouped at once (16 x 4096 entries): a chunk used in two windows is read twice."""
+
+
+def _groups(ids: np.ndarray, base: int) -> list[tuple[bytes, np.ndarray]]:
+    """(chunk id, chunk numbers using it) for the non-null entries of ``ids`` (chunk
+    numbers start at ``base``)."""
+    nz = np.flatnonzero(ids.any(axis=1))
     if nz.size == 0:
-        return 0, iter(())
-    rows = np.ascontiguousarray(index.ids[nz]).view(np.dtype((np.void, 16))).ravel()
-    _u, first, inverse, counts = np.unique(
-        rows, return_index=True, return_inverse=True, return_counts=True
-    )
-    positions = nz[np.argsort(inverse.ravel(), kind="stable")]
+        return []
+    rows = np.ascontiguousarray(ids[nz]).view(np.dtype((np.void, 16))).ravel()
+    u, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    positions = nz[np.argsort(inverse.ravel(), kind="stable")] + base
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    by_first = np.argsort(first, kind="stable")
+    return [
+        (bytes(u[k]), positions[starts[k] : starts[k] + counts[k]]) for k in range(len(u))
+    ]
 
-    def gen() -> Iterator[tuple[bytes, np.ndarray]]:
-        for k in by_first.tolist():
-            pos = positions[starts[k] : starts[k] + counts[k]]
-            yield index.get(int(pos[0])), pos
 
-    return len(counts), gen()
+def _windows(index: DiskIndex) -> Iterator[tuple[int, np.ndarray]]:
+    """(first chunk number, ids) of consecutive non-null pages, ``WINDOW_PAGES`` at most."""
+    buf: list[np.ndarray] = []
+    start = -1
+    nxt = -1
+    for p, arr in index.iter_pages():
+        first = p * index.page_entries
+        if arr is None or (buf and (first != nxt or len(buf) >= WINDOW_PAGES)):
+            if buf:
+                yield start, np.concatenate(buf)
+                buf = []
+            if arr is None:
+                continue
+        if not buf:
+            start = first
+        buf.append(arr)
+        nxt = first + len(arr)
+    if buf:
+        yield start, np.concatenate(buf)
+
+
+def _ordered(
+    reader: ChunkReader, groups: list[tuple[bytes, np.ndarray]]
+) -> list[tuple[bytes, np.ndarray]]:
+    """The groups in pack order (sequential reads of each pack)."""
+    if not groups:
+        return groups
+    ids = np.frombuffer(b"".join(g[0] for g in groups), dtype=np.uint8).reshape(-1, 16)
+    rows = reader.index.locations_for(ids)
+    t = reader.index.table
+    safe = np.maximum(rows, 0)
+    key_pack = np.where(rows >= 0, t["pack"][safe].astype(np.int64), -1)
+    key_off = np.where(rows >= 0, t["offset"][safe].astype(np.int64), 0)
+    order = np.lexsort((key_off, key_pack))
+    return [groups[i] for i in order.tolist()]
 
 
 def _batches(
@@ -158,26 +192,24 @@ def _batches(
 
 
 def _write_chunks(
-    repo: Repository,
+    reader: ChunkReader,
     index: DiskIndex,
     fd: int,
     workers: int,
     progress: Progress,
 ) -> tuple[int, int]:
-    """Decode, check and pwrite every non-null chunk. Returns (unique chunks, bytes).
+    """Read, check and pwrite every non-null chunk. Returns (distinct chunks, bytes).
 
     Work goes to the threads in batches of about ``BATCH_BYTES`` (one task per chunk
     cost more in futures and GIL hand-offs than the decoding of a 64 KiB chunk)."""
-    unique, groups = _groups(index)
-    store = repo.store
-    seed = repo.seed
     cs = index.chunk_size
     vsize = index.virtual_size
     written = 0
+    unique = 0
     wb = _Writeback(fd)
 
     def one(cid: bytes, positions: np.ndarray) -> int:
-        data = decode_for_read(store.get(cid), cid, seed)
+        data = reader.read(cid)
         mv = memoryview(data)
         have = len(mv)
         n = 0
@@ -205,7 +237,14 @@ def _write_chunks(
         wb.wrote(n)
         progress.advance(n)
 
-    batches = _batches(groups, max(1, BATCH_BYTES // cs))
+    def all_groups() -> Iterator[tuple[bytes, np.ndarray]]:
+        nonlocal unique
+        for base, ids in _windows(index):
+            g = _ordered(reader, _groups(ids, base))
+            unique += len(g)
+            yield from g
+
+    batches = _batches(all_groups(), max(1, BATCH_BYTES // cs))
     if workers <= 1:
         for items in batches:
             done(batch(items))
@@ -263,23 +302,25 @@ def restore(
     qemu_img = shutil.which("qemu-img")
     if fmt == "qcow2" and qemu_img is None:
         raise UsageError("qcow2 output needs qemu-img (install qemu-utils)")
-    index = repo.load_index(backup_id, name, manifest)
+    reader = repo.reader()
+    index = repo.load_index(backup_id, name, manifest, reader=reader)
     nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
 
     tmp_raw = to.with_name(f".{to.name}.{os.getpid()}.restore-raw")
     tmp_out = to.with_name(f".{to.name}.{os.getpid()}.restore-{fmt}")
     cleanup = [tmp_raw, tmp_out]
     progress.start(f"restore {backup_id} {name}", index.nonzero_count() * index.chunk_size)
+    entry = manifest.disk(name)
     try:
         try:
-            fd = os.open(tmp_raw, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp_raw, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise SnapferryError(
                 f"cannot create the restore target in {to.parent}: {e.strerror}"
             ) from None
         try:
             os.ftruncate(fd, index.virtual_size)
-            unique, written = _write_chunks(repo, index, fd, nworkers, progress)
+            unique, written = _write_chunks(reader, index, fd, nworkers, progress)
             if fmt == "raw":
                 os.fdatasync(fd)
         finally:
@@ -322,7 +363,7 @@ def restore(
         format=fmt,
         virtual_size=index.virtual_size,
         chunks=len(index),
-        zero_chunks=index.zero_count(),
+        zero_chunks=entry.zero_chunks,
         unique_chunks=unique,
         bytes_written=written,
         seconds=round(time.monotonic() - t0, 4),

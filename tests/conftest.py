@@ -86,7 +86,7 @@ def small_tmpfs(where: Path, size: str, why_root: str) -> Iterator[Path]:
 
 
 def manifests(repo: Path) -> list[Path]:
-    return sorted((repo / "backups").glob("*/*/manifest.json"))
+    return sorted((repo / "snapshots").glob("*"))
 
 
 @pytest.fixture

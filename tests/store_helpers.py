@@ -2,8 +2,8 @@
 
 ``backup_image`` is a small sequential stand-in for the real backup pipeline (which has
 its own end-to-end tests): it reads a local image file chunk by chunk, the way the
-pipeline's workers should use the store (zero check, keyed id, ``has_valid`` dedup check
-with BLAKE3, encode, ``put(replace=True)``), then commits the restore point.
+pipeline's workers use the store (zero check, keyed id, ``ChunkWriter.store``: the dedup
+check against the indexed BLAKE3, then the writer's pack), then commits the restore point.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from snapferry.engine.store import (
     Manifest,
     Repository,
     chunk_id,
-    encode_chunk,
     is_zero,
     strong_digest,
 )
@@ -38,59 +37,56 @@ def backup_image(
     cs = repo.chunk_size
     indexes: dict[str, DiskIndex] = {}
     entries: list[DiskEntry] = []
-    for disk, image in images.items():
-        size = image.stat().st_size
-        if parent is not None:
-            old = repo.load_index(parent.backup_id, disk, parent)
-            idx = old.resized(size)
-            todo: Iterable[int] = sorted(set((changed or {}).get(disk, ())))
-            if size != old.virtual_size:
-                todo = sorted(set(todo) | set(range(min(len(old), len(idx)) - 1, len(idx))))
-        else:
-            idx = DiskIndex.empty(size, cs)
-            todo = range(len(idx))
-        entry = DiskEntry(name=disk, virtual_size=size, source={"kind": "file"})
-        with open(image, "rb", buffering=0) as f:
-            buf = bytearray(cs)
-            for i in todo:
-                if i < 0 or i >= len(idx):
-                    continue
-                n = idx.length(i)
-                mv = memoryview(buf)[:n]
-                f.seek(i * cs)
-                assert f.readinto(mv) == n
-                entry.bytes_read += n
-                if is_zero(mv):
-                    idx.set(i, NULL_ID)
-                    continue
-                cid = chunk_id(repo.seed, mv)
-                digest = strong_digest(mv)
-                # has_valid: a torn chunk (crash before a commit) is not a dedup hit,
-                # and an intact chunk holding other data raises (never alias)
-                if repo.store.has_valid(cid, digest, n):
-                    entry.chunks_reused += 1
-                else:
-                    blob = encode_chunk(mv, level=repo.zstd_level, digest=digest)
-                    if repo.store.put(cid, blob, replace=True):
-                        entry.chunks_new += 1
-                        entry.bytes_stored += len(blob)
-                    else:  # stored meanwhile by someone else: the same alias check
-                        assert repo.store.has_valid(cid, digest, n)
-                        entry.chunks_reused += 1
-                idx.set(i, cid)
-        indexes[disk] = idx
-        entries.append(entry)
-    m = Manifest(
-        backup_id=repo.new_backup_id(),
-        vm=vm,
-        chunk_size=cs,
-        mode="incremental" if parent is not None else "full",
-        parent=parent.backup_id if parent is not None else None,
-        consistency="n/a",
-        disks=entries,
-    )
     with repo.lock():
-        repo.commit_restore_point(m, indexes)
+        known = repo.index_names()
+        writer = repo.writer_spec().open()
+        for disk, image in images.items():
+            size = image.stat().st_size
+            if parent is not None:
+                old = repo.load_index(parent.backup_id, disk, parent)
+                idx = old.resized(size) if size != old.virtual_size else old.copy()
+                todo: Iterable[int] = sorted(set((changed or {}).get(disk, ())))
+                if size != old.virtual_size:
+                    todo = sorted(set(todo) | set(range(min(len(old), len(idx)) - 1, len(idx))))
+            else:
+                idx = DiskIndex.empty(size, cs, page_entries=repo.page_entries)
+                todo = range(len(idx))
+            entry = DiskEntry(name=disk, virtual_size=size, source={"kind": "file"})
+            with open(image, "rb", buffering=0) as f:
+                buf = bytearray(cs)
+                for i in todo:
+                    if i < 0 or i >= len(idx):
+                        continue
+                    n = idx.length(i)
+                    mv = memoryview(buf)[:n]
+                    f.seek(i * cs)
+                    assert f.readinto(mv) == n
+                    entry.bytes_read += n
+                    if is_zero(mv):
+                        idx.set(i, NULL_ID)
+                        continue
+                    cid = chunk_id(repo.seed, mv)
+                    got = writer.store(cid, mv, strong_digest(mv))
+                    if got.new:
+                        entry.chunks_new += 1
+                        entry.bytes_stored += got.stored
+                    else:
+                        entry.chunks_reused += 1
+                    idx.set(i, cid)
+            indexes[disk] = idx
+            entries.append(entry)
+        written = writer.flush()
+        writer.close()
+        m = Manifest(
+            backup_id=repo.new_backup_id(),
+            vm=vm,
+            chunk_size=cs,
+            mode="incremental" if parent is not None else "full",
+            parent=parent.backup_id if parent is not None else None,
+            consistency="n/a",
+            disks=entries,
+        )
+        repo.commit_restore_point(m, indexes, written=written, known_at_start=known)
     return m
 
 
@@ -138,3 +134,42 @@ def chunks_of(offsets: Iterable[int], block: int, chunk_size: int) -> set[int]:
     for o in offsets:
         out.update(range(o // chunk_size, (o + block - 1) // chunk_size + 1))
     return out
+
+
+# -- white-box access to the local backend's files (tests of damage only) ---------------
+
+
+def pack_path(repo: Repository, pack: str) -> Path:
+    return repo.path / "data" / pack[:2] / pack
+
+
+def blob_location(repo: Repository, cid: bytes) -> tuple[Path, int, int]:
+    """(pack file, offset, stored length) of the first copy of blob ``cid``."""
+    cands = repo.chunk_index().candidates(cid)
+    assert cands, f"no blob {cid.hex()}"
+    loc = cands[0]
+    return pack_path(repo, loc.pack), loc.offset, loc.stored_len
+
+
+def flip_blob(repo: Repository, cid: bytes, where: int | None = None) -> Path:
+    """Flip one bit of blob ``cid`` inside its pack (bit rot); returns the pack."""
+    path, off, n = blob_location(repo, cid)
+    raw = bytearray(path.read_bytes())
+    raw[off + (n // 2 if where is None else where)] ^= 0x01
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def swap_blobs(repo: Repository, a: bytes, b: bytes) -> None:
+    """Overwrite blob ``a``'s bytes with (a prefix of) blob ``b``'s."""
+    pa, oa, na = blob_location(repo, a)
+    pb, ob, nb = blob_location(repo, b)
+    src = pb.read_bytes()[ob : ob + nb]
+    raw = bytearray(pa.read_bytes())
+    m = min(na, nb)
+    raw[oa : oa + m] = src[:m]
+    pa.write_bytes(bytes(raw))
+
+
+def all_packs(repo: Repository) -> list[Path]:
+    return sorted((repo.path / "data").glob("*/*"))

@@ -78,4 +78,4 @@ def test_nbd_missing_bitmap_is_one_line(
     img = make_image(tmp_path / "n.raw", 4 * MiB, [(0, 0x5A, MiB)])
     srv = nbd_servers.qemu_nbd(img)
     assert_one_line_error(run_cli("backup", srv.uri, "--repo", repo, "--bitmap", "nope"))
-    assert not list((repo / "backups").glob("*/*/manifest.json"))
+    assert not list((repo / "snapshots").glob("*"))

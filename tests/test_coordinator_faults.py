@@ -34,6 +34,7 @@ from coordvm import (
     write_known,
 )
 from labvm import assert_vm_clean, bitmaps, control, lab_vm, silent_agent  # noqa: F401
+from store_helpers import flip_blob
 
 from snapferry.engine.coordinator import FAULT_ENV, FAULT_PHASES
 from snapferry.engine.errors import (
@@ -174,17 +175,14 @@ def test_verify_catches_a_corrupted_chunk(lab_vm: LabVm, work: Path, repo: Repos
     def corrupt() -> None:
         new = sorted(set(repo.store.iterate()) - old)
         assert new, "the backup wrote no new chunk"
-        path = Path(repo.store.path_of(new[0]))
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0xFF
-        path.write_bytes(bytes(data))
+        path = flip_blob(repo, new[0])  # a bit flip inside the chunk's pack
         damaged.append(str(path))
 
     prog = HookProgress(on_start={"verify": corrupt})
     with pytest.raises(CorruptionError) as ei:
         run(lab_vm, work, repo, progress=prog)
     assert damaged and one_line(str(ei.value))
-    assert not Path(damaged[0]).exists()  # abort removed what this backup stored
+    assert not Path(damaged[0]).exists()  # abort removed the packs this backup stored
     assert set(repo.store.iterate()) == old
     after_fault(lab_vm, work, repo, before)
 

@@ -1,5 +1,5 @@
-"""Repository: init/open errors, commit protocol, listing, locks, concurrent puts,
-disk full."""
+"""Repository: init/open errors, config validation, commit protocol, listing with
+damaged manifests, shared/exclusive locks, concurrent writers, disk full."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from store_helpers import backup_image
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
 from snapferry.engine.restore import restore
-from snapferry.engine.store import DiskEntry, DiskIndex, LocalChunkStore, Manifest, Repository
-from snapferry.engine.store.chunkfmt import decode_verified, encode_chunk
-from snapferry.engine.store.hashing import chunk_id
-from snapferry.engine.verify import verify_repo
+from snapferry.engine.store import DiskEntry, DiskIndex, Manifest, Repository
+from snapferry.engine.store.hashing import chunk_id, strong_digest
+from snapferry.engine.verify import repo_info, verify_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,25 +30,43 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_init_and_open(tmp_path: Path) -> None:
     r = Repository.init(tmp_path / "repo", chunk_size=256 << 10, zstd_level=1)
     cfg = json.loads((tmp_path / "repo" / "config").read_text())
-    assert cfg["format"] == 1 and cfg["chunk_size"] == 256 << 10 and cfg["zstd_level"] == 1
+    assert cfg["format"] == 2 and cfg["chunk_size"] == 256 << 10 and cfg["zstd_level"] == 1
+    assert cfg["encryption"] == "none" and cfg["key_id"] == 0 and cfg["page_entries"] == 4096
     assert int(cfg["seed"], 16) == r.seed
-    for sub in ("chunks", "backups", "locks"):
-        assert (tmp_path / "repo" / sub).is_dir()
     o = Repository.open(tmp_path / "repo")
     assert (o.seed, o.chunk_size, o.zstd_level, o.id) == (r.seed, r.chunk_size, 1, r.id)
     other = Repository.init(tmp_path / "repo2")
     assert other.seed != r.seed, "a random seed per repository"
 
 
-def test_init_refuses_non_empty_dir_and_bad_chunk_size(tmp_path: Path) -> None:
+def test_init_refuses_non_empty_dir_and_bad_sizes(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("hi")
     with pytest.raises(RepositoryError, match="not empty"):
         Repository.init(tmp_path / "x")
-    with pytest.raises(UsageError, match="power of two"):
-        Repository.init(tmp_path / "y", chunk_size=100_000)
-    with pytest.raises(UsageError):
-        Repository.init(tmp_path / "y", chunk_size=32 << 20)
+    for bad in (100_000, 4096, 0, 32 << 20):
+        with pytest.raises(UsageError, match="power of two"):
+            Repository.init(tmp_path / "y", chunk_size=bad)
+    for lvl in (0, 20, -1):
+        with pytest.raises(UsageError, match="compression level"):
+            Repository.init(tmp_path / "y", zstd_level=lvl)
+    assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("chunk_size", 4096), ("chunk_size", 100_000), ("chunk_size", "1M"), ("zstd_level", 99),
+     ("page_entries", 7), ("pack_size", 10), ("seed", "zz"), ("format", "2")],
+)
+def test_invalid_config_is_one_clear_error(tmp_path: Path, key: str, value: object) -> None:
+    Repository.init(tmp_path / "r")
+    cfg_path = tmp_path / "r" / "config"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[key] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(RepositoryError) as ei:
+        Repository.open(tmp_path / "r")
+    assert "\n" not in str(ei.value)
 
 
 def test_open_errors(tmp_path: Path) -> None:
@@ -63,44 +80,51 @@ def test_open_errors(tmp_path: Path) -> None:
         Repository.open(tmp_path / "plain")
 
 
-def test_newer_format_refused(tmp_path: Path) -> None:
+def test_newer_and_format_1_refused(tmp_path: Path) -> None:
     Repository.init(tmp_path / "r")
     cfg_path = tmp_path / "r" / "config"
     cfg = json.loads(cfg_path.read_text())
-    cfg["format"] = 2
+    cfg["format"] = 3
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(RepositoryError, match=r"format 2, newer .* upgrade snapferry"):
+    with pytest.raises(RepositoryError, match=r"format 3, newer .* upgrade snapferry"):
         Repository.open(tmp_path / "r")
+    cfg["format"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(RepositoryError, match=r"format 1 \(one file per chunk\)") as ei:
+        Repository.open(tmp_path / "r")
+    assert "\n" not in str(ei.value)
 
 
 def test_backup_ids_sort_and_are_unique(tmp_path: Path) -> None:
     r = Repository.init(tmp_path / "r")
     ids = [r.new_backup_id() for _ in range(50)]
-    assert len(set(ids)) >= 45  # 16 random bits per second: collisions are rare
-    assert all(len(i) == 21 and i[8] == "T" and i[15] == "Z" for i in ids)
+    assert len(set(ids)) == 50
+    assert all(len(i) == 25 and i[8] == "T" and i[15] == "Z" for i in ids)
 
 
-def _point(r: Repository, vm: str, data: bytes) -> tuple[Manifest, DiskIndex]:
-    idx = DiskIndex.empty(len(data), r.chunk_size)
+def _point(r: Repository, vm: str, data: bytes) -> tuple[Manifest, DiskIndex, object]:
+    idx = DiskIndex.empty(len(data), r.chunk_size, page_entries=r.page_entries)
+    w = r.writer_spec().open()
     for i in range(len(idx)):
         part = data[i * r.chunk_size : (i + 1) * r.chunk_size]
         cid = chunk_id(r.seed, part)
-        r.store.put(cid, encode_chunk(part, level=1))
+        w.store(cid, part, strong_digest(part))
         idx.set(i, cid)
+    written = w.flush()
     m = Manifest(backup_id=r.new_backup_id(), vm=vm, chunk_size=r.chunk_size,
                  disks=[DiskEntry("sda", len(data))])
-    return m, idx
+    return m, idx, written
 
 
 def test_commit_list_load(tmp_path: Path) -> None:
     r = Repository.init(tmp_path / "r", chunk_size=64 << 10)
-    m1, i1 = _point(r, "vm/a b", os.urandom(200_000))
-    r.commit_restore_point(m1, {"sda": i1})
-    m2, i2 = _point(r, "other", os.urandom(100_000))
-    r.commit_restore_point(m2, {"sda": i2})
-    bdir = r.backup_dir(m1.backup_id)
-    assert bdir.parent.name == "vm%2Fa%20b", "vm names are quoted into one path component"
-    assert sorted(p.name for p in bdir.iterdir()) == ["manifest.json", "sda.idx"]
+    data1 = os.urandom(200_000)
+    m1, i1, w1 = _point(r, "vm/a b", data1)
+    r.commit_restore_point(m1, {"sda": i1}, written=w1)  # type: ignore[arg-type]
+    m2, i2, w2 = _point(r, "other", os.urandom(100_000))
+    r.commit_restore_point(m2, {"sda": i2}, written=w2)  # type: ignore[arg-type]
+    assert sorted(p.name for p in (r.path / "snapshots").iterdir()) == sorted(
+        [m1.backup_id, m2.backup_id])
     assert [m.backup_id for m in r.list_backups("vm/a b")] == [m1.backup_id]
     assert {m.backup_id for m in r.list_backups()} == {m1.backup_id, m2.backup_id}
     assert r.load_index(m1.backup_id, "sda") == i1
@@ -110,102 +134,81 @@ def test_commit_list_load(tmp_path: Path) -> None:
     assert r.latest("ghost") is None
     with pytest.raises(RepositoryError, match="no restore point"):
         r.load_manifest("20200101T000000Z-0000")
+    with pytest.raises(RepositoryError, match="no restore point"):
+        r.load_manifest("../config")
     with pytest.raises(RepositoryError, match="no disk 'sdb'"):
         r.load_index(m1.backup_id, "sdb")
     with pytest.raises(RepositoryError, match="already exists"):
         r.commit_restore_point(m1, {"sda": i1})
+    out = tmp_path / "o.raw"
+    restore(r, m1.backup_id, to=out)
+    assert out.read_bytes() == data1
 
 
-def test_uncommitted_point_is_invisible(tmp_path: Path) -> None:
-    """A crash before the manifest rename leaves a directory without manifest.json."""
+def test_damaged_manifests_are_reported_and_skipped(tmp_path: Path) -> None:
+    """Invalid JSON, wrong field types, a bad page reference: each such restore point is
+    reported (verify, info) and skipped (list, latest, backup), never blocking others."""
     r = Repository.init(tmp_path / "r", chunk_size=64 << 10)
-    m, i = _point(r, "vm1", os.urandom(70_000))
-    half = r.path / "backups" / "vm1" / m.backup_id
-    half.mkdir(parents=True)
-    i.save(half / "sda.idx")
-    (half / ".manifest.json.123.tmp").write_text("{")
-    assert r.list_backups() == [] and r.latest("vm1") is None
+    good, gi, gw = _point(r, "vm1", os.urandom(70_000))
+    r.commit_restore_point(good, {"sda": gi}, written=gw)  # type: ignore[arg-type]
+    snaps = r.path / "snapshots"
+    bad_json = "20990101T000000Z-00000001"
+    (snaps / bad_json).write_text('{"format": 2, "disks": ')
+    wrong_type = "20990101T000000Z-00000002"
+    d = json.loads((snaps / good.backup_id).read_text())
+    d["backup_id"] = wrong_type
+    d["disks"][0]["virtual_size"] = "big"
+    (snaps / wrong_type).write_text(json.dumps(d))
+    bad_ref = "20990101T000000Z-00000003"
+    d = json.loads((snaps / good.backup_id).read_text())
+    d["backup_id"] = bad_ref
+    d["disks"][0]["pages"] = [""]
+    (snaps / bad_ref).write_text(json.dumps(d))
+    assert [m.backup_id for m in r.list_backups()] == [good.backup_id]
+    latest = r.latest("vm1")
+    assert latest is not None and latest.backup_id == good.backup_id
+    for bad in (bad_json, wrong_type, bad_ref):
+        with pytest.raises(CorruptionError):
+            r.load_manifest(bad)
+    rep = verify_repo(r)
+    assert not rep.ok and sorted(rep.bad_backups) == sorted([bad_json, wrong_type, bad_ref])
+    assert good.backup_id in rep.backups_checked
+    info = repo_info(r)
+    assert len(info["damaged_restore_points"]) == 3 and len(info["restore_points"]) == 1
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(70_000))
+    m3 = backup_image(r, {"sda": img}, vm="vm1", parent=latest)  # a backup still works
+    assert m3.backup_id in {m.backup_id for m in r.list_backups()}
 
 
-def test_bad_manifest_and_index_reported(tmp_path: Path) -> None:
-    r = Repository.init(tmp_path / "r", chunk_size=64 << 10)
-    m, i = _point(r, "vm1", os.urandom(70_000))
-    bdir = r.commit_restore_point(m, {"sda": i})
-    (bdir / "manifest.json").write_text('{"format": 1, "disks": ')
-    with pytest.raises(CorruptionError):
-        r.load_manifest(m.backup_id)
-    with pytest.raises(CorruptionError):
-        r.list_backups("vm1")
-    m2, i2 = _point(r, "vm2", os.urandom(70_000))
-    bdir2 = r.commit_restore_point(m2, {"sda": i2})
-    raw = bytearray((bdir2 / "sda.idx").read_bytes())
-    raw[-3] ^= 0xFF
-    (bdir2 / "sda.idx").write_bytes(bytes(raw))
-    with pytest.raises(CorruptionError, match="checksum"):
-        r.load_index(m2.backup_id, "sda")
+# -- concurrent writers ------------------------------------------------------------
+def _writer_proc(root: str, blocks: list[bytes], order_seed: int, vm: str) -> str:
+    from store_helpers import backup_image as bi
 
-
-# -- chunk store -------------------------------------------------------------------
-def test_store_put_get_header_delete(tmp_path: Path) -> None:
-    r = Repository.init(tmp_path / "r")
-    s = r.store
-    data = b"hello world " * 1000
-    cid = chunk_id(r.seed, data)
-    blob = encode_chunk(data, level=3)
-    assert not s.has(cid)
-    assert s.put(cid, blob) is True
-    assert s.put(cid, blob) is False, "idempotent"
-    assert s.has(cid) and s.get(cid) == blob
-    assert s.header(cid).raw_len == len(data)
-    assert list(s.iterate()) == [cid] and s.stored_bytes() == len(blob)
-    p = Path(s.path_of(cid))
-    assert p.relative_to(r.path).parts == ("chunks", cid.hex()[:2], cid.hex()[2:4], cid.hex())
-    s.sync()
-    s.delete(cid)
-    assert not s.has(cid) and list(s.iterate()) == []
-    with pytest.raises(CorruptionError, match="missing"):
-        s.get(cid)
-    with pytest.raises(CorruptionError, match="missing"):
-        s.header(cid)
-
-
-def test_store_header_detects_truncation(tmp_path: Path) -> None:
-    r = Repository.init(tmp_path / "r")
-    data = os.urandom(5000)
-    cid = chunk_id(r.seed, data)
-    r.store.put(cid, encode_chunk(data, level=3))
-    p = Path(r.store.path_of(cid))
-    os.chmod(p, 0o644)
-    p.write_bytes(p.read_bytes()[:-10])
-    with pytest.raises(CorruptionError, match="header says"):
-        r.store.header(cid)
-
-
-def _put_worker(root: str, seed: int, blocks: list[bytes], order_seed: int) -> int:
-    store = LocalChunkStore(root)
+    r = Repository.open(root)
     order = list(range(len(blocks)))
     random.Random(order_seed).shuffle(order)
-    new = 0
-    for i in order:
-        cid = chunk_id(seed, blocks[i])
-        new += store.put(cid, encode_chunk(blocks[i], level=1))
-    store.sync()
-    return new
+    img = Path(root).parent / f"img-{vm}"
+    img.write_bytes(b"".join(blocks[i] for i in order))
+    return bi(r, {"sda": img}, vm=vm).backup_id
 
 
-def test_concurrent_puts_from_processes(tmp_path: Path) -> None:
-    r = Repository.init(tmp_path / "r")
-    blocks = [os.urandom(8192) + bytes(8192) for _ in range(200)]
+def test_concurrent_writers_from_processes(tmp_path: Path) -> None:
+    """Four processes back up overlapping data into one repository at once: all
+    commit (no exclusive lock), all restore byte-identical, verify passes."""
+    r = Repository.init(tmp_path / "r", chunk_size=64 << 10)
+    blocks = [os.urandom(8192) + bytes((64 << 10) - 8192) for _ in range(60)]
     ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
-        news = pool.starmap(_put_worker, [(str(r.path), r.seed, blocks, k) for k in range(4)])
-    # each id was new to at least one worker, and no worker saw more than all of them
-    assert sum(news) >= len(blocks) and max(news) <= len(blocks)
-    ids = set(r.store.iterate())
-    assert ids == {chunk_id(r.seed, b) for b in blocks}
-    for b in blocks:
-        cid = chunk_id(r.seed, b)
-        assert decode_verified(r.store.get(cid), cid, r.seed) == b
+        ids = pool.starmap(_writer_proc, [(str(r.path), blocks, k, f"vm{k}") for k in range(4)])
+    assert sorted(m.backup_id for m in r.list_backups()) == sorted(ids)
+    for k, bid in enumerate(ids):
+        out = tmp_path / f"out{k}"
+        restore(r, bid, to=out)
+        assert out.read_bytes() == (tmp_path / f"img-vm{k}").read_bytes()
+    rep = verify_repo(r, None, read_data=True)
+    assert rep.ok, rep.problems
+    assert set(r.store.iterate()) >= {chunk_id(r.seed, b) for b in blocks}
     assert r.store.temp_files() == [], "no temp files left behind"
 
 
@@ -215,7 +218,7 @@ HOLDER = textwrap.dedent(
     import sys
     from snapferry.engine.store import Repository
     r = Repository.open(sys.argv[1])
-    with r.lock("backup"):
+    with r.lock(sys.argv[2], exclusive=sys.argv[2] == "prune"):
         print("locked", flush=True)
         sys.stdin.readline()
     print("released", flush=True)
@@ -223,55 +226,65 @@ HOLDER = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[tuple[Repository, subprocess.Popen[str]]]:
-    r = Repository.init(tmp_path / "r")
+def _holder(r: Repository, purpose: str) -> subprocess.Popen[str]:
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(r.path)],
+        [sys.executable, "-c", HOLDER, str(r.path), purpose],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    return p
+
+
+@pytest.fixture
+def repo_r(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "r")
+
+
+def test_backups_share_deleters_exclude(repo_r: Repository) -> None:
+    r = repo_r
+    p = _holder(r, "backup")
     try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "locked"
-        yield r, p
+        with r.lock("backup"):
+            pass  # a second backup runs beside the first
+        with pytest.raises(RepositoryError, match=f"locked by backup .*pid {p.pid}"), r.lock(
+            "prune", exclusive=True
+        ):
+            pass
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "released"
+        p.wait()
+        with r.lock("prune", exclusive=True):
+            assert [x.name.split("-")[0] for x in (r.path / "locks").iterdir()] == ["exclusive"]
+            with pytest.raises(RepositoryError, match="locked by prune"), r.lock("backup"):
+                pass
+        assert list((r.path / "locks").iterdir()) == []
     finally:
         if p.poll() is None:
             p.kill()
         p.wait()
 
 
-def test_lock_held_by_live_process(holder: tuple[Repository, subprocess.Popen[str]]) -> None:
-    r, p = holder
-    with pytest.raises(RepositoryError, match=f"locked by backup \\(pid {p.pid}"), r.lock():
-        pass
-    assert p.stdin is not None and p.stdout is not None
-    p.stdin.write("\n")
-    p.stdin.flush()
-    assert p.stdout.readline().strip() == "released"
-    p.wait()
-    with r.lock():
-        assert (r.path / "locks" / "exclusive.lock").exists()
-    assert not (r.path / "locks" / "exclusive.lock").exists()
-
-
-def test_stale_lock_of_dead_process_taken_over(
-    holder: tuple[Repository, subprocess.Popen[str]],
-) -> None:
-    r, p = holder
+def test_stale_lock_of_dead_process_is_removed(repo_r: Repository) -> None:
+    r = repo_r
+    p = _holder(r, "prune")
     p.send_signal(signal.SIGKILL)
     p.wait()
-    lock = r.path / "locks" / "exclusive.lock"
-    assert json.loads(lock.read_text())["pid"] == p.pid, "the dead holder's lock is still there"
-    with r.lock():
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    locks = list((r.path / "locks").iterdir())
+    assert len(locks) == 1 and json.loads(locks[0].read_text())["pid"] == p.pid
+    with r.lock("backup"):
+        names = [x.name for x in (r.path / "locks").iterdir()]
+        assert len(names) == 1 and names[0].startswith("shared-")
 
 
-def test_lock_is_not_reentrant_and_released_on_error(tmp_path: Path) -> None:
-    r = Repository.init(tmp_path / "r")
-    with pytest.raises(ValueError), r.lock():
-        with pytest.raises(RepositoryError, match="locked"), r.lock():
+def test_lock_released_on_error(repo_r: Repository) -> None:
+    r = repo_r
+    with pytest.raises(ValueError), r.lock("prune", exclusive=True):
+        with pytest.raises(RepositoryError, match="locked"), r.lock("prune", exclusive=True):
             pass
         raise ValueError("boom")
-    with r.lock():
+    with r.lock("prune", exclusive=True):
         pass
 
 
@@ -293,7 +306,7 @@ def test_disk_full_keeps_earlier_points(tiny_fs: Path, tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="disk is full"):
         backup_image(r, {"sda": big})
     assert [m.backup_id for m in r.list_backups()] == [m1.backup_id]
-    assert not (r.path / "locks" / "exclusive.lock").exists(), "lock released"
+    assert list((r.path / "locks").iterdir()) == [], "lock released"
     rep = verify_repo(r, None, read_data=True)
     assert rep.ok, rep.problems
     out = tmp_path / "out.raw"

@@ -75,7 +75,7 @@ def test_backup_from_vddk_restores_identical(
     assert reads and me not in reads
     inits = [e[1] for e in vddk_stub_env.events("init")]
     assert sorted(inits) == sorted(set(inits)) and set(inits) >= reads
-    manifest = next((tmp_path / "repo").rglob("manifest.json")).read_text()
+    manifest = next((tmp_path / "repo" / "snapshots").iterdir()).read_text()
     assert "never-in-manifest" not in manifest and "vm-42" in manifest
 
 
@@ -94,4 +94,4 @@ def test_worker_read_error_fails_the_backup_cleanly(
         )
     assert "A file access error occurred" in str(ei.value)
     assert "(VIX error 7)" in str(ei.value) and "\n" not in str(ei.value)
-    assert list((tmp_path / "repo").rglob("manifest.json")) == []
+    assert list((tmp_path / "repo" / "snapshots").glob("*")) == []

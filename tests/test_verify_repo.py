@@ -3,11 +3,17 @@ points it affects."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from store_helpers import backup_image, chunks_of, make_mixed_image, overwrite_random
+from store_helpers import (
+    backup_image,
+    blob_location,
+    chunks_of,
+    flip_blob,
+    make_mixed_image,
+    overwrite_random,
+)
 
 from snapferry.engine.errors import RepositoryError
 from snapferry.engine.store import Manifest, Repository
@@ -28,17 +34,6 @@ def two_points(tmp_path: Path) -> tuple[Repository, Manifest, Manifest]:
     return repo, full, inc
 
 
-def _damage(repo: Repository, cid: bytes, *, truncate: bool = False) -> None:
-    p = Path(repo.store.path_of(cid))
-    os.chmod(p, 0o644)
-    raw = bytearray(p.read_bytes())
-    if truncate:
-        raw = raw[:-7]
-    else:
-        raw[-1] ^= 0x80
-    p.write_bytes(bytes(raw))
-
-
 def test_healthy_repo(two_points: tuple[Repository, Manifest, Manifest]) -> None:
     repo, full, inc = two_points
     for read_data in (False, True):
@@ -47,7 +42,8 @@ def test_healthy_repo(two_points: tuple[Repository, Manifest, Manifest]) -> None
         assert sorted(rep.backups_checked) == sorted([full.backup_id, inc.backup_id])
         all_ids = repo.load_index(full.backup_id, "sda").unique_ids() | repo.load_index(
             inc.backup_id, "sda").unique_ids()
-        assert rep.chunks_checked == len(all_ids)
+        pages = {p for m in (full, inc) for p in m.disks[0].pages if isinstance(p, str)}
+        assert rep.chunks_checked == len(all_ids) + len(pages)  # chunks and index pages
     assert rep.bytes_read > 0
     j = rep.to_json()
     assert j["ok"] is True and j["read_data"] is True
@@ -61,10 +57,10 @@ def test_bad_chunk_traced_to_restore_points(
     ids_inc = repo.load_index(inc.backup_id, "sda").unique_ids()
     shared = sorted(ids_full & ids_inc)[0]
     only_inc = sorted(ids_inc - ids_full)[0]
-    _damage(repo, shared)
-    _damage(repo, only_inc)
+    flip_blob(repo, shared)
+    flip_blob(repo, only_inc)
     quick = verify_repo(repo, None, read_data=False)
-    assert quick.ok, "a payload bit flip keeps the header valid: only read_data sees it"
+    assert quick.ok, "a payload bit flip keeps the pack's structure valid: only read_data sees it"
     rep = verify_repo(repo, None, read_data=True)
     assert not rep.ok
     bad = {b.id: b.affects for b in rep.bad_chunks}
@@ -79,30 +75,36 @@ def test_bad_chunk_traced_to_restore_points(
     assert one.backups_checked == [full.backup_id]
 
 
-def test_quick_verify_finds_missing_and_truncated(
+def test_quick_verify_finds_missing_and_truncated_packs(
     two_points: tuple[Repository, Manifest, Manifest],
 ) -> None:
     repo, full, _inc = two_points
     ids = sorted(repo.load_index(full.backup_id, "sda").unique_ids())
-    repo.store.delete(ids[0])
-    _damage(repo, ids[1], truncate=True)
+    page = bytes.fromhex(str(full.disks[0].pages[0]))
+    gone = blob_location(repo, ids[0])[0]  # the chunks' pack
+    cut = blob_location(repo, page)[0]  # the index pages' pack
+    assert gone != cut
+    gone.unlink()
+    cut.write_bytes(cut.read_bytes()[:-7])
     rep = verify_repo(repo, None, read_data=False)
-    reasons = {b.id: b.reason for b in rep.bad_chunks}
-    assert "missing" in reasons[ids[0].hex()]
-    assert "header says" in reasons[ids[1].hex()]
+    reasons = " ".join(b.reason for b in rep.bad_chunks)
+    assert "missing" in reasons
+    assert any("magic" in p or "torn" in p for p in rep.problems)
     assert full.backup_id in rep.bad_backups
 
 
 def test_bad_manifest_and_index(two_points: tuple[Repository, Manifest, Manifest]) -> None:
     repo, full, inc = two_points
-    (repo.backup_dir(full.backup_id) / "manifest.json").write_text("{broken")
-    idx_path = repo.backup_dir(inc.backup_id) / "sda.idx"
-    idx_path.write_bytes(idx_path.read_bytes()[:-16])
+    (repo.path / "snapshots" / full.backup_id).write_text("{broken")
+    idx_files = sorted((repo.path / "index").iterdir())
+    for f in idx_files:
+        f.write_bytes(f.read_bytes()[:-16])  # every index file torn: nothing is trusted
     rep = verify_repo(repo, None, read_data=False)
     assert not rep.ok
     assert rep.bad_backups == sorted([full.backup_id, inc.backup_id])
     assert any(full.backup_id in p and "JSON" in p for p in rep.problems)
-    assert any(inc.backup_id in p and "index" in p for p in rep.problems)
+    assert any("index file" in p and "torn" in p for p in rep.problems)
+    assert any(inc.backup_id in p for p in rep.problems)
     with pytest.raises(RepositoryError, match="no restore point"):
         verify_repo(repo, "20000101T000000Z-dead", read_data=False)
 

@@ -81,7 +81,7 @@ class Backend(Protocol):
         ...
 
     def save(
-        self, kind: str, name: str, data: bytes | memoryview, *, if_absent: bool = True
+        self, kind: str, name: str, data: bytes | bytearray | memoryview, *, if_absent: bool = True
     ) -> bool:
         """Store ``data`` as ``kind/name`` whole (never half). With ``if_absent`` (the
         only mode writers use) an existing object is left untouched and False comes

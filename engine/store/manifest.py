@@ -1,4 +1,4 @@
-"""``Manifest``: the JSON description of one restore point (``manifest.json``)."""
+"""``Manifest``: the JSON description of one restore point (``snapshots/<backup id>``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any, Literal
 
 from snapferry.engine.errors import CorruptionError, RepositoryError
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+PageRef = str | int
+"""A page id (32 hex digits) or a count of consecutive null pages."""
 
 Mode = Literal["full", "incremental"]
 Consistency = Literal["filesystem", "application", "crash", "n/a"]
@@ -29,7 +31,6 @@ class DiskEntry:
 
     name: str
     virtual_size: int
-    index_file: str = ""
     chunks: int = 0
     zero_chunks: int = 0
     bytes_read: int = 0
@@ -39,6 +40,8 @@ class DiskEntry:
     source: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     full_reason: str | None = None
+    page_entries: int = 4096
+    pages: list[PageRef] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -86,6 +89,8 @@ class Manifest:
         fmt = d.get("format")
         if not isinstance(fmt, int):
             raise CorruptionError(f"{name}: no format number")
+        if fmt < MANIFEST_FORMAT:
+            raise RepositoryError(f"{name}: manifest format {fmt} is not read by this snapferry")
         if fmt > MANIFEST_FORMAT:
             raise RepositoryError(
                 f"{name}: manifest format {fmt} is newer than this snapferry supports "
@@ -99,7 +104,7 @@ class Manifest:
             known = {f.name for f in fields(cls)} - {"disks"}
             m = cls(disks=disks, **{k: v for k, v in d.items() if k in known})
             _check(m)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CorruptionError(f"{name}: invalid manifest ({e})") from None
         return m
 
@@ -147,7 +152,70 @@ def _check(m: Manifest) -> None:
         seen.add(dk.name)
         if not _is_int(dk.virtual_size) or dk.virtual_size < 0:
             raise ValueError(f"disk {dk.name}: virtual_size")
-        if not isinstance(dk.index_file, str) or "/" in dk.index_file or (
-            dk.index_file.startswith(".")
-        ):
-            raise ValueError(f"disk {dk.name}: index_file {dk.index_file!r}")
+        for f in ("chunks", "zero_chunks", "bytes_read", "bytes_stored", "chunks_new",
+                  "chunks_reused"):
+            if not _is_int(getattr(dk, f)) or getattr(dk, f) < 0:
+                raise ValueError(f"disk {dk.name}: {f}")
+        if not isinstance(dk.source, dict) or not isinstance(dk.tracking, dict):
+            raise ValueError(f"disk {dk.name}: source/tracking")
+        if dk.full_reason is not None and not isinstance(dk.full_reason, str):
+            raise ValueError(f"disk {dk.name}: full_reason")
+        pe = dk.page_entries
+        if not _is_int(pe) or pe < 256 or pe > 65536 or pe & (pe - 1):
+            raise ValueError(f"disk {dk.name}: page_entries")
+        n = -(-dk.virtual_size // m.chunk_size)
+        if dk.chunks != n or dk.zero_chunks > n:
+            raise ValueError(f"disk {dk.name}: chunks {dk.chunks} for {dk.virtual_size} bytes")
+        if not isinstance(dk.pages, list):
+            raise ValueError(f"disk {dk.name}: pages")
+        total = 0
+        for ref in dk.pages:
+            if _is_int(ref) and ref > 0:  # type: ignore[operator]
+                total += ref  # type: ignore[operator]
+            elif isinstance(ref, str) and len(ref) == 32 and _is_hex(ref):
+                total += 1
+            else:
+                raise ValueError(f"disk {dk.name}: page reference {ref!r}")
+        if total != -(-n // pe):
+            raise ValueError(f"disk {dk.name}: pages cover {total} pages, not {-(-n // pe)}")
+    for f in ("created",):
+        if not isinstance(getattr(m, f), str):
+            raise ValueError(f)
+    if m.quiesced is not None and not isinstance(m.quiesced, bool):
+        raise ValueError("quiesced")
+    if m.freeze_ms is not None and (
+        isinstance(m.freeze_ms, bool) or not isinstance(m.freeze_ms, int | float)
+    ):
+        raise ValueError("freeze_ms")
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        bytes.fromhex(s)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_pages(ids: list[bytes | None]) -> list[PageRef]:
+    """Page ids -> the manifest's list (runs of null pages as counts)."""
+    out: list[PageRef] = []
+    for pid in ids:
+        if pid is None:
+            if out and isinstance(out[-1], int):
+                out[-1] += 1
+            else:
+                out.append(1)
+        else:
+            out.append(pid.hex())
+    return out
+
+
+def decode_pages(refs: list[PageRef]) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for ref in refs:
+        if isinstance(ref, int):
+            out.extend([None] * ref)
+        else:
+            out.append(bytes.fromhex(ref))
+    return out

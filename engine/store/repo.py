@@ -1,113 +1,114 @@
-"""``Repository``: a directory holding config, chunks, restore points and locks.
+"""``Repository``: config, packs, index files, restore points and locks over a ``Backend``.
 
-Layout (format 1, see docs/FORMAT.md)::
-
-    <repo>/config                          JSON: format, kind, id, chunk_size, seed, ...
-    <repo>/chunks/ab/cd/<32 hex>           chunk blobs (snapferry.engine.store.chunkfmt)
-    <repo>/backups/<vm>/<backup id>/<disk>.idx
-    <repo>/backups/<vm>/<backup id>/manifest.json   <- the commit point
-    <repo>/locks/exclusive.lock            held while a backup writes
+Format 2 (docs/FORMAT.md). Nothing here touches the filesystem: every object goes
+through the backend (``LocalBackend`` for a directory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import re
 import secrets
-import shutil
-import socket
-import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+
+import numpy as np
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
-from snapferry.engine.store.index import DiskIndex
-from snapferry.engine.store.local import LocalChunkStore, fsync_dir, io_error, write_all
-from snapferry.engine.store.manifest import Manifest
+from snapferry.engine.store import locks
+from snapferry.engine.store.backend import Backend, ObjectInfo, ObjectMissing
+from snapferry.engine.store.backends.local import LocalBackend
+from snapferry.engine.store.blobs import TYPE_CHUNK, TYPE_PAGE, encode
+from snapferry.engine.store.chunkindex import ChunkIndex
+from snapferry.engine.store.chunks import ChunkReader, ChunkWriterSpec
+from snapferry.engine.store.hashing import chunk_id, strong_digest
+from snapferry.engine.store.index import PAGE_ENTRIES, DiskIndex
+from snapferry.engine.store.manifest import Manifest, decode_pages, encode_pages
+from snapferry.engine.store.pack import PackWriter, WrittenObjects
 
-REPO_FORMAT = 1
+REPO_FORMAT = 2
 REPO_KIND = "snapferry-repository"
-DEFAULT_CHUNK_SIZE = 256 << 10  # 256 KiB: see docs/chunk-size.md
+DEFAULT_CHUNK_SIZE = 256 << 10  # see docs/chunk-size.md
 DEFAULT_ZSTD_LEVEL = 1  # see docs/chunk-size.md
+DEFAULT_PACK_SIZE = 32 << 20  # see docs/chunk-size.md, *Pack size*
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 4 << 20
-CONFIG = "config"
-BACKUPS = "backups"
-LOCKS = "locks"
-MANIFEST = "manifest.json"
-LOCK_NAME = "exclusive.lock"
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+MAX_ZSTD_LEVEL = 19
+_BACKUP_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_.:-")
 
 
-def _write_file_durably(path: Path, data: bytes) -> None:
-    """temp + fsync + rename + fsync(dir): ``path`` holds old or new data, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise io_error(f"writing {path.name}", e) from None
+def check_chunk_size(cs: Any) -> int:
+    if (
+        not isinstance(cs, int) or isinstance(cs, bool) or cs <= 0 or cs & (cs - 1)
+        or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE
+    ):
+        raise UsageError(
+            f"chunk size must be a power of two from {MIN_CHUNK_SIZE >> 10} KiB "
+            f"to {MAX_CHUNK_SIZE >> 20} MiB, not {cs}"
+        )
+    return cs
+
+
+def _valid_backup_id(s: str) -> bool:
+    return bool(s) and s[0].isalnum() and set(s) <= _BACKUP_ID_CHARS and len(s) <= 100
 
 
 def path_component(name: str) -> str:
-    """A VM or disk name made safe as a single path component (reversible quoting)."""
+    """Kept for callers of format 1 (names are no longer path components)."""
+    from urllib.parse import quote
+
     if not name or name in (".", ".."):
         raise UsageError(f"invalid name {name!r}")
     q = quote(name, safe="-_.+@=,")
     return "%2E" + q[1:] if q.startswith(".") else q
 
 
-def _pid_start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+@dataclass
+class ScanResult:
+    manifests: list[Manifest] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (backup id, why)
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start is not None:
-        now = _pid_start_time(pid)
-        if now is not None and now != start:
-            return False  # pid reused by another process
-    return True
+class StoreView:
+    """Compatibility view of the chunk store for tests and tools written for format 1
+    (``iterate``, ``temp_files``). New code uses ``Repository.chunk_index``/``reader``."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+
+    def iterate(self) -> Iterator[bytes]:
+        idx = ChunkIndex()
+        idx.load(self._repo.backend, types=(TYPE_CHUNK,))
+        return idx.ids()
+
+    def temp_files(self) -> list[str]:
+        return [f"{i.kind}/{i.name}" for i in self._repo.backend.leftovers()]
+
+    def sync_all(self) -> None:
+        self._repo.backend.sync()
 
 
 class Repository:
     """An open snapferry repository. Build with ``init`` or ``open``."""
 
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, backend: Backend, config: dict[str, Any]) -> None:
+        self.backend = backend
+        self.path = Path(backend.location)
         self.config = config
         self.chunk_size: int = config["chunk_size"]
         self.seed: int = int(config["seed"], 16)
         self.zstd_level: int = config["zstd_level"]
+        self.page_entries: int = config["page_entries"]
+        self.pack_size: int = config["pack_size"]
         self.id: str = config["id"]
-        self.store = LocalChunkStore(path)
+        self.store = StoreView(self)
 
     def __repr__(self) -> str:
-        return f"Repository({str(self.path)!r})"
+        return f"Repository({self.backend.location!r})"
 
     # -- creation / opening --------------------------------------------------------
     @classmethod
@@ -116,20 +117,20 @@ class Repository:
         path: Path | str,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        *,
+        pack_size: int = DEFAULT_PACK_SIZE,
     ) -> Repository:
-        path = Path(path)
-        if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-            raise UsageError(
-                f"chunk size must be a power of two from {MIN_CHUNK_SIZE >> 10} KiB "
-                f"to {MAX_CHUNK_SIZE >> 20} MiB, not {chunk_size}"
-            )
-        if not 1 <= zstd_level <= 22:
-            raise UsageError(f"zstd level must be 1..22, not {zstd_level}")
-        if path.exists():
-            if not path.is_dir():
-                raise RepositoryError(f"{path} exists and is not a directory")
-            if any(path.iterdir()):
-                raise RepositoryError(f"{path} is not empty; a new repository needs an empty dir")
+        check_chunk_size(chunk_size)
+        if isinstance(zstd_level, bool) or not isinstance(zstd_level, int) or not (
+            1 <= zstd_level <= MAX_ZSTD_LEVEL
+        ):
+            raise UsageError(f"compression level must be 1..{MAX_ZSTD_LEVEL}, not {zstd_level}")
+        if not (1 << 20) <= pack_size <= (1 << 30):
+            raise UsageError(f"pack size must be 1 MiB .. 1 GiB, not {pack_size}")
+        p = Path(path)
+        backend = LocalBackend(str(p), create=True)
+        if not backend.is_empty():
+            raise RepositoryError(f"{p} is not empty; a new repository needs an empty dir")
         config = {
             "format": REPO_FORMAT,
             "kind": REPO_KIND,
@@ -141,200 +142,158 @@ class Repository:
             "digest": "blake3-256",
             "compression": "zstd",
             "zstd_level": zstd_level,
+            "page_entries": PAGE_ENTRIES,
+            "pack_size": pack_size,
+            "encryption": "none",
+            "key_id": 0,
         }
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            for sub in ("chunks", BACKUPS, LOCKS):
-                (path / sub).mkdir()
-            _write_file_durably(path / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-            fsync_dir(path)
-            fsync_dir(path.parent)
-        except OSError as e:
-            raise io_error(f"creating the repository at {path}", e) from None
-        return cls(path, config)
+        if not backend.save("config", "config", (json.dumps(config, indent=2) + "\n").encode()):
+            raise RepositoryError(f"{p} already holds a repository")
+        return cls(backend, config)
 
     @classmethod
     def open(cls, path: Path | str) -> Repository:
-        path = Path(path)
-        if not path.exists():
-            raise RepositoryError(f"no repository at {path} (path does not exist)")
-        if not path.is_dir():
-            raise RepositoryError(f"{path} is not a snapferry repository (not a directory)")
-        cfg_path = path / CONFIG
+        return cls.open_backend(LocalBackend(str(path)))
+
+    @classmethod
+    def open_backend(cls, backend: Backend) -> Repository:
+        where = backend.location
         try:
-            raw = cfg_path.read_bytes()
-        except FileNotFoundError:
+            raw = backend.load("config", "config")
+        except ObjectMissing:
             raise RepositoryError(
-                f"{path} is not a snapferry repository (no config file)"
+                f"{where} is not a snapferry repository (no config file)"
             ) from None
-        except OSError as e:
-            raise io_error(f"reading {cfg_path}", e) from None
         try:
             config = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise RepositoryError(
-                f"{path} is not a snapferry repository (config is not JSON)"
+                f"{where} is not a snapferry repository (config is not JSON)"
             ) from None
         if not isinstance(config, dict) or config.get("kind") != REPO_KIND:
-            raise RepositoryError(f"{path} is not a snapferry repository (unknown config)")
+            raise RepositoryError(f"{where} is not a snapferry repository (unknown config)")
         fmt = config.get("format")
-        if not isinstance(fmt, int):
-            raise CorruptionError(f"{cfg_path}: no format number")
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise CorruptionError(f"{where}/config: no format number")
+        if fmt == 1:
+            raise RepositoryError(
+                f"repository {where} has format 1 (one file per chunk), which this snapferry "
+                "no longer reads: restore from it with snapferry 0.1 and back up into a new "
+                "repository"
+            )
         if fmt > REPO_FORMAT:
             raise RepositoryError(
-                f"repository {path} has format {fmt}, newer than this snapferry supports "
+                f"repository {where} has format {fmt}, newer than this snapferry supports "
                 f"({REPO_FORMAT}); upgrade snapferry"
             )
+        if fmt != REPO_FORMAT:
+            raise CorruptionError(f"{where}/config: unknown format {fmt}")
         try:
-            cs = config["chunk_size"]
+            try:
+                check_chunk_size(config["chunk_size"])
+            except UsageError as e:
+                raise ValueError(str(e)) from None
             int(config["seed"], 16)
-            if not isinstance(cs, int) or cs <= 0 or cs & (cs - 1):
-                raise ValueError("chunk_size")
-            if not isinstance(config["zstd_level"], int):
+            lvl = config["zstd_level"]
+            if not isinstance(lvl, int) or isinstance(lvl, bool) or not 1 <= lvl <= 22:
                 raise ValueError("zstd_level")
             if not isinstance(config["id"], str):
                 raise ValueError("id")
+            pe = config["page_entries"]
+            if not isinstance(pe, int) or pe < 256 or pe > 65536 or pe & (pe - 1):
+                raise ValueError("page_entries")
+            ps = config["pack_size"]
+            if not isinstance(ps, int) or not (1 << 20) <= ps <= (1 << 30):
+                raise ValueError("pack_size")
+            if config.get("encryption", "none") != "none":
+                raise RepositoryError(
+                    f"repository {where} is encrypted, which this snapferry cannot read yet"
+                )
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptionError(f"{cfg_path}: invalid config ({e})") from None
-        return cls(path, config)
+            raise CorruptionError(f"{where}/config: invalid config ({e})") from None
+        return cls(backend, config)
 
     # -- locking -------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, purpose: str = "backup") -> Iterator[None]:
-        """Hold the repository's exclusive lock (one writer at a time).
-
-        A lock left by a dead process on this host (pid gone or reused) is stale and
-        taken over; a live holder makes this raise ``RepositoryError`` at once.
-        """
-        locks = self.path / LOCKS
-        lock_path = locks / LOCK_NAME
-        me = {
-            "pid": os.getpid(),
-            "pid_start": _pid_start_time(os.getpid()),
-            "host": socket.gethostname(),
-            "purpose": purpose,
-            "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "token": secrets.token_hex(8),
-        }
-        try:
-            locks.mkdir(exist_ok=True)
-            with self._guard():
-                self._acquire(lock_path, me)
-        except OSError as e:
-            raise io_error("taking the repository lock", e) from None
-        try:
+    def lock(self, purpose: str = "backup", *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the shared role (backups; many at once) or, with ``exclusive``, the
+        deleters' role (alone). See docs/FORMAT.md, *Locks*."""
+        role: locks.Role = "exclusive" if exclusive else "shared"
+        with locks.hold(self.backend, role, purpose, self.backend.location):
             yield
-        finally:
-            with contextlib.suppress(OSError), self._guard():
-                held = self._read_lock(lock_path)
-                if held is not None and held.get("token") == me["token"]:
-                    os.unlink(lock_path)
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        """A short flock serialising the check-and-take of the lock file."""
-        fd = os.open(self.path / LOCKS / ".guard", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _read_lock(lock_path: Path) -> dict[str, Any] | None:
-        try:
-            d = json.loads(lock_path.read_text())
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
-            return {}
-        return d if isinstance(d, dict) else {}
-
-    def _acquire(self, lock_path: Path, me: dict[str, Any]) -> None:
-        held = self._read_lock(lock_path)
-        if held is not None:
-            pid = held.get("pid")
-            same_host = held.get("host") == me["host"]
-            if not held:
-                # unreadable: a crash between create and write; stale after a grace time
-                age = time.time() - lock_path.stat().st_mtime
-                if age < 30:
-                    raise RepositoryError(f"repository {self.path} is locked (lock being written)")
-            elif not (
-                same_host and isinstance(pid, int) and not _pid_alive(pid, held.get("pid_start"))
-            ):
-                raise RepositoryError(
-                    f"repository {self.path} is locked by {held.get('purpose', 'another job')} "
-                    f"(pid {pid} on {held.get('host')}, since {held.get('since')}); "
-                    f"if that process is gone, remove {lock_path}"
-                )
-            os.unlink(lock_path)  # stale
-        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(fd, json.dumps(me).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # -- restore points ------------------------------------------------------------
     def new_backup_id(self) -> str:
-        """Sortable unique id, e.g. ``20261125T193924Z-3f9a``."""
+        """Sortable unique id, e.g. ``20261125T193924Z-3f9a01c2``."""
         now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        return f"{now}-{secrets.token_hex(2)}"
+        return f"{now}-{secrets.token_hex(4)}"
 
-    def _manifest_paths(self) -> Iterator[Path]:
-        base = self.path / BACKUPS
+    def _read_manifest(self, name: str) -> Manifest:
+        what = f"restore point {name}"
         try:
-            vms = sorted(base.iterdir())
-        except FileNotFoundError:
-            return
-        for vm_dir in vms:
-            if not vm_dir.is_dir():
-                continue
-            for bdir in sorted(vm_dir.iterdir()):
-                mp = bdir / MANIFEST
-                if mp.is_file():
-                    yield mp
-
-    def _read_manifest(self, mp: Path) -> Manifest:
-        try:
-            text = mp.read_bytes()
-        except OSError as e:
-            raise io_error(f"reading {mp}", e) from None
-        name = f"restore point {mp.parent.name}"
-        m = Manifest.from_json(text, name=name)
-        if m.backup_id != mp.parent.name:
-            raise CorruptionError(f"{name}: manifest names another backup id {m.backup_id!r}")
+            text = self.backend.load("snapshots", name)
+        except ObjectMissing:
+            raise RepositoryError(f"no restore point {name!r} in {self.backend.location}") from None
+        m = Manifest.from_json(text, name=what)
+        if m.backup_id != name:
+            raise CorruptionError(f"{what}: manifest names another backup id {m.backup_id!r}")
+        if m.chunk_size != self.chunk_size:
+            raise CorruptionError(f"{what}: chunk size {m.chunk_size} != the repository's")
         return m
 
-    def list_backups(self, vm: str | None = None) -> list[Manifest]:
-        """Committed restore points (of ``vm``, or all), oldest first, newest last."""
-        out: list[Manifest] = []
-        if vm is not None:
-            vm_dir = self.path / BACKUPS / path_component(vm)
-            paths = sorted(vm_dir.glob(f"*/{MANIFEST}")) if vm_dir.is_dir() else []
-        else:
-            paths = list(self._manifest_paths())
-        for mp in paths:
-            out.append(self._read_manifest(mp))
-        out.sort(key=lambda m: (m.created, m.backup_id))
+    def scan(self, vm: str | None = None) -> ScanResult:
+        """Every restore point (of ``vm``), oldest first; damaged manifests apart."""
+        out = ScanResult()
+        for info in self.backend.objects("snapshots"):
+            try:
+                m = self._read_manifest(info.name)
+            except RepositoryError as e:
+                out.bad.append((info.name, str(e)))
+                continue
+            if vm is None or m.vm == vm:
+                out.manifests.append(m)
+        out.manifests.sort(key=lambda m: (m.created, m.backup_id))
         return out
 
-    def backup_dir(self, backup_id: str) -> Path:
-        """The directory of a committed restore point (``RepositoryError`` if unknown)."""
-        if not _ID_RE.fullmatch(backup_id):
-            raise RepositoryError(f"no restore point {backup_id!r} in {self.path}")
-        hits = [p.parent for p in (self.path / BACKUPS).glob(f"*/{backup_id}/{MANIFEST}")]
-        if not hits:
-            raise RepositoryError(f"no restore point {backup_id!r} in {self.path}")
-        if len(hits) > 1:
-            raise CorruptionError(f"restore point id {backup_id!r} appears more than once")
-        return hits[0]
+    def list_backups(self, vm: str | None = None) -> list[Manifest]:
+        """Committed restore points (of ``vm``, or all), oldest first. Damaged manifests
+        are skipped (``scan`` and ``verify`` report them)."""
+        return self.scan(vm).manifests
 
     def load_manifest(self, backup_id: str) -> Manifest:
-        return self._read_manifest(self.backup_dir(backup_id) / MANIFEST)
+        if not _valid_backup_id(backup_id):
+            raise RepositoryError(f"no restore point {backup_id!r} in {self.backend.location}")
+        return self._read_manifest(backup_id)
 
-    def load_index(self, backup_id: str, disk: str, manifest: Manifest | None = None) -> DiskIndex:
+    def has_backup(self, backup_id: str) -> bool:
+        return _valid_backup_id(backup_id) and self.backend.stat("snapshots", backup_id) is not None
+
+    def latest(self, vm: str) -> Manifest | None:
+        b = self.list_backups(vm)
+        return b[-1] if b else None
+
+    # -- chunk index, readers, writers ---------------------------------------------
+    def chunk_index(self, *, types: tuple[int, ...] | None = None) -> ChunkIndex:
+        idx = ChunkIndex()
+        idx.load(self.backend, types=types)
+        return idx
+
+    def reader(self, index: ChunkIndex | None = None) -> ChunkReader:
+        return ChunkReader(self.backend, self.seed, index or self.chunk_index())
+
+    def writer_spec(self) -> ChunkWriterSpec:
+        return ChunkWriterSpec(self.backend.spec(), self.seed, self.zstd_level, self.pack_size)
+
+    def load_index(
+        self,
+        backup_id: str,
+        disk: str,
+        manifest: Manifest | None = None,
+        *,
+        reader: ChunkReader | None = None,
+    ) -> DiskIndex:
+        """The paged index of one disk; pages load lazily through ``reader`` (by
+        default one over the page blobs only)."""
         m = manifest if manifest is not None else self.load_manifest(backup_id)
         try:
             entry = m.disk(disk)
@@ -343,65 +302,132 @@ class Repository:
                 f"restore point {backup_id} has no disk {disk!r} "
                 f"(disks: {', '.join(m.disk_names) or 'none'})"
             ) from None
-        idx = DiskIndex.load(self.backup_dir(backup_id) / entry.index_file)
-        if idx.virtual_size != entry.virtual_size or idx.chunk_size != m.chunk_size:
-            raise CorruptionError(
-                f"restore point {backup_id}, disk {disk}: index does not match the manifest"
-            )
+        if entry.page_entries != self.page_entries:
+            raise CorruptionError(f"restore point {backup_id}, disk {disk}: page size differs")
+        rd = reader or self.reader(self.chunk_index(types=(TYPE_PAGE,)))
+        pages = decode_pages(entry.pages)
+        idx = DiskIndex(entry.virtual_size, self.chunk_size, page_entries=entry.page_entries,
+                        page_ids=pages, loader=rd.page, base_zero=entry.zero_chunks)
         return idx
 
-    def latest(self, vm: str) -> Manifest | None:
-        b = self.list_backups(vm)
-        return b[-1] if b else None
+    # -- commit --------------------------------------------------------------------
+    def write_pages(
+        self, index: DiskIndex, pw: PackWriter, known: ChunkIndex | None = None,
+        seen: set[bytes] | None = None,
+    ) -> int:
+        """Store the dirty pages of ``index`` (unchanged ones keep their ids; a page
+        already in ``known`` with the same digest is reused); returns the number of
+        page blobs added."""
+        added = 0
+        for p in sorted(index.dirty):
+            arr = index._loaded.get(p)
+            if arr is None or not arr.any():
+                index.page_ids[p] = None
+                continue
+            raw = np.ascontiguousarray(arr).tobytes()
+            pid = chunk_id(self.seed, raw)
+            if pid == index.page_ids[p]:
+                continue
+            digest = strong_digest(raw)
+            index.page_ids[p] = pid
+            if seen is not None and pid in seen:
+                continue
+            if known is not None and known.lookup_valid(pid, digest, len(raw)):
+                continue
+            codec, stored = encode(raw, level=self.zstd_level)
+            pw.add(pid, TYPE_PAGE, codec, stored, len(raw), digest)
+            if seen is not None:
+                seen.add(pid)
+            added += 1
+        index.dirty.clear()
+        return added
 
-    def commit_restore_point(self, manifest: Manifest, indexes: dict[str, DiskIndex]) -> Path:
-        """Write the indexes, sync the store, then the manifest: the commit point.
+    def check_collisions(self, own_indexes: list[str], known_at_start: set[str]) -> None:
+        """Rule W5: no index file written since this backup started (by anyone) names
+        one of this backup's ids with other data. Raises ``CorruptionError``."""
+        own = set(own_indexes)
+        t = ChunkIndex()
+        t.load(self.backend, skip=known_at_start - own)
+        tab = t.table
+        if len(tab) < 2:
+            return
+        same = (tab["hi"][1:] == tab["hi"][:-1]) & (tab["lo"][1:] == tab["lo"][:-1])
+        dig = tab["digest"]
+        clash = same & ((dig[1:] != dig[:-1]) | (tab["raw_len"][1:] != tab["raw_len"][:-1]))
+        if clash.any():
+            i = int(np.flatnonzero(clash)[0])
+            cid = (int(tab["hi"][i]).to_bytes(8, "big") + int(tab["lo"][i]).to_bytes(8, "big"))
+            raise CorruptionError(
+                f"chunk id {cid.hex()} was stored with different data by two writers at once "
+                "(hash collision/alias): this backup was not committed"
+            )
 
-        Until ``manifest.json`` is renamed into place the restore point does not exist;
-        a crash before leaves only an ignorable directory. Fills each disk entry's
-        ``index_file``, ``chunks`` and ``zero_chunks`` from its index. Call it while
-        holding ``lock()``. Returns the restore point's directory.
+    def commit_restore_point(
+        self,
+        manifest: Manifest,
+        indexes: dict[str, DiskIndex],
+        *,
+        written: WrittenObjects | None = None,
+        known_at_start: set[str] | None = None,
+    ) -> str:
+        """Pages -> index file -> collision check -> sync -> manifest (the commit).
+
+        ``written`` are the packs/index files the workers saved (their index files are
+        durable: rule W3); ``known_at_start`` the index files that existed when the
+        backup started (for rule W5; None: every index file is checked). Fills each
+        disk entry's ``pages``, ``chunks`` and ``zero_chunks``. Returns the backup id.
         """
         names = manifest.disk_names
-        if not _ID_RE.fullmatch(manifest.backup_id):
+        if not _valid_backup_id(manifest.backup_id):
             raise ValueError(f"invalid backup id {manifest.backup_id!r}")
         if sorted(names) != sorted(indexes):
             raise ValueError(f"manifest disks {names} != indexes {sorted(indexes)}")
         if manifest.chunk_size != self.chunk_size:
             raise ValueError("manifest chunk size differs from the repository's")
-        vm_dir = self.path / BACKUPS / path_component(manifest.vm)
-        bdir = vm_dir / manifest.backup_id
-        if (bdir / MANIFEST).exists() or any(
-            (self.path / BACKUPS).glob(f"*/{manifest.backup_id}/{MANIFEST}")
-        ):
-            raise RepositoryError(f"restore point {manifest.backup_id} already exists")
         for entry in manifest.disks:
             idx = indexes[entry.name]
             if idx.chunk_size != self.chunk_size or idx.virtual_size != entry.virtual_size:
                 raise ValueError(f"index of disk {entry.name} does not match its entry")
-        created_vm_dir = not vm_dir.exists()
+        if self.has_backup(manifest.backup_id):
+            raise RepositoryError(f"restore point {manifest.backup_id} already exists")
+        own = WrittenObjects()
+        if written is not None:
+            own.extend(written)
+        pw = PackWriter(self.backend, self.pack_size)
+        known = self.chunk_index(types=(TYPE_PAGE,))
+        seen: set[bytes] = set()
         try:
-            bdir.mkdir(parents=True, exist_ok=True)
             for entry in manifest.disks:
                 idx = indexes[entry.name]
-                entry.index_file = path_component(entry.name) + ".idx"
+                self.write_pages(idx, pw, known, seen)
                 entry.chunks = len(idx)
                 entry.zero_chunks = idx.zero_count()
-                final = bdir / entry.index_file
-                tmp = bdir / f".{entry.index_file}.tmp"
-                idx.save(tmp)
-                os.rename(tmp, final)
-            fsync_dir(bdir)
-            fsync_dir(vm_dir)
-            if created_vm_dir:
-                fsync_dir(vm_dir.parent)
-            self.store.sync_all()  # chunks of every worker process, then the commit
-            _write_file_durably(bdir / MANIFEST, manifest.to_json().encode())
-        except OSError as e:
-            shutil.rmtree(bdir, ignore_errors=True)
-            raise io_error(f"writing restore point {manifest.backup_id}", e) from None
-        except RepositoryError:
-            if not (bdir / MANIFEST).exists():
-                shutil.rmtree(bdir, ignore_errors=True)
+                entry.page_entries = idx.page_entries
+                entry.pages = encode_pages(idx.page_ids)
+            own.extend(pw.flush())
+            self.check_collisions(own.indexes, known_at_start or set())
+            if self.backend.properties.needs_sync:
+                self.backend.sync()
+            data = manifest.to_json().encode()
+            while not self.backend.save("snapshots", manifest.backup_id, data):
+                manifest.backup_id = self.new_backup_id()  # W2: a fresh name
+                data = manifest.to_json().encode()
+        except BaseException:
+            self.remove_objects(pw.written)
             raise
-        return bdir
+        return manifest.backup_id
+
+    def remove_objects(self, w: WrittenObjects) -> None:
+        """Remove a failed writer's own packs and index files (index files first)."""
+        for name in w.indexes:
+            with contextlib.suppress(RepositoryError):
+                self.backend.remove("index", name)
+        for name in w.packs:
+            with contextlib.suppress(RepositoryError):
+                self.backend.remove("data", name)
+
+    def index_names(self) -> set[str]:
+        return {i.name for i in self.backend.objects("index")}
+
+    def leftovers(self) -> list[ObjectInfo]:
+        return self.backend.leftovers()

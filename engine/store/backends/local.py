@@ -86,7 +86,7 @@ def _syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     mv = memoryview(data).cast("B")
     while mv:
         mv = mv[os.write(fd, mv) :]
@@ -118,6 +118,8 @@ class LocalBackend:
                 os.fchmod(self._rootfd, DIR_MODE)
         except FileNotFoundError:
             raise RepositoryError(f"no repository at {root} (path does not exist)") from None
+        except FileExistsError:
+            raise RepositoryError(f"{root} exists and is not a directory") from None
         except NotADirectoryError:
             raise RepositoryError(
                 f"{root} is not a snapferry repository (not a directory)"
@@ -152,7 +154,7 @@ class LocalBackend:
         return f"LocalBackend({self.root!r})"
 
     def save(
-        self, kind: str, name: str, data: bytes | memoryview, *, if_absent: bool = True
+        self, kind: str, name: str, data: bytes | bytearray | memoryview, *, if_absent: bool = True
     ) -> bool:
         check_name(kind, name)
         what = f"writing {kind}/{name}"

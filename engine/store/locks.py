@@ -1,0 +1,143 @@
+"""Lock objects (``locks/shared-…``, ``locks/exclusive-…``): docs/FORMAT.md, *Locks*.
+
+Writers (backups) hold the shared role, many at once; deleters (prune) the exclusive
+role, alone. Taking a role = create the own lock object, then list the others: a
+conflicting live lock makes the taker remove its own and fail. Two racing takers both
+see each other, so at least one backs off (never both proceed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from snapferry.engine.errors import RepositoryError
+from snapferry.engine.store.backend import Backend, ObjectMissing
+
+Role = Literal["shared", "exclusive"]
+OTHER_HOST_STALE_S = 24 * 3600
+UNREADABLE_GRACE_S = 30
+
+
+def _pid_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()  # process table, not repository data
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start is not None:
+        now = _pid_start_time(pid)
+        if now is not None and now != start:
+            return False  # pid reused by another process
+    return True
+
+
+def _since_s(since: Any) -> float | None:
+    if not isinstance(since, str):
+        return None
+    try:
+        t = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return time.time() - t.timestamp()
+
+
+def is_stale(held: dict[str, Any], size: int) -> bool:
+    """A lock whose holder is provably gone (see the module doc and FORMAT.md)."""
+    if not held:
+        return False  # unreadable: decided by the caller with the grace time
+    pid = held.get("pid")
+    if held.get("host") == socket.gethostname():
+        return isinstance(pid, int) and not _pid_alive(pid, held.get("pid_start"))
+    age = _since_s(held.get("since"))
+    return age is not None and age > OTHER_HOST_STALE_S
+
+
+def read_lock(backend: Backend, name: str) -> dict[str, Any] | None:
+    try:
+        raw = backend.load("locks", name)
+    except ObjectMissing:
+        return None
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+@contextlib.contextmanager
+def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str]:
+    """Hold ``role`` on the repository for the ``with`` block; yields the lock's name."""
+    me = {
+        "role": role,
+        "pid": os.getpid(),
+        "pid_start": _pid_start_time(os.getpid()),
+        "host": socket.gethostname(),
+        "purpose": purpose,
+        "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "token": secrets.token_hex(8),
+    }
+    name = f"{role}-{secrets.token_hex(8)}"
+    backend.save("locks", name, json.dumps(me).encode())
+    try:
+        _check_others(backend, role, name, where)
+    except BaseException:
+        with contextlib.suppress(RepositoryError):
+            backend.remove("locks", name)
+        raise
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(RepositoryError):
+            backend.remove("locks", name)
+
+
+def _check_others(backend: Backend, role: Role, mine: str, where: str) -> None:
+    for info in list(backend.objects("locks")):
+        if info.name == mine:
+            continue
+        other_role = info.name.split("-", 1)[0]
+        if role == "shared" and other_role != "exclusive":
+            continue
+        held = read_lock(backend, info.name)
+        if held is None:
+            continue  # removed meanwhile
+        if is_stale(held, info.size):
+            backend.remove("locks", info.name)
+            continue
+        if not held:
+            # unreadable (a crash between create and write cannot happen with
+            # create-if-absent of the whole object, but a foreign file can): live a while
+            continue
+        what = held.get("purpose", "another job")
+        raise RepositoryError(
+            f"repository {where} is locked by {what} ({held.get('role', other_role)} lock, "
+            f"pid {held.get('pid')} on {held.get('host')}, since {held.get('since')}); "
+            f"if that process is gone, remove locks/{info.name}"
+        )
+
+
+def live_locks(backend: Backend) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for info in backend.objects("locks"):
+        held = read_lock(backend, info.name)
+        if held is not None and not is_stale(held, info.size):
+            out.append((info.name, held))
+    return out
