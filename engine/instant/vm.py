@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -163,6 +164,7 @@ class InstantVm:
     # -- boot -------------------------------------------------------------------------
     def boot(self, *, workload: bool = True) -> lab.LabVm:
         t0 = time.monotonic()
+        self._reuse_initramfs()
         try:
             for d in self.disks:
                 d.export.start()
@@ -183,6 +185,17 @@ class InstantVm:
             raise
         self.boot_seconds = time.monotonic() - t0
         return self.vm
+
+    def _reuse_initramfs(self) -> None:
+        """Copy the lab's cached initramfs (built from host packages, keyed by kernel and
+        recipe) into this lab dir so the boot does not build it again."""
+        mine = self.lab_dir / "build"
+        if mine.is_dir():
+            return
+        for cached in sorted((lab.default_lab_dir() / "build").glob("initramfs-*.cpio.gz")):
+            mine.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(cached, mine / cached.name)
 
     def info(self) -> dict[str, Any]:
         assert self.vm is not None
