@@ -12,13 +12,19 @@ import pytest
 import servecli
 from conftest import assert_one_line_error, run_cli
 from servecli import needs_serve, pid_alive, serving, start_serve
-from store_helpers import backup_image, make_mixed_image
+from store_helpers import backup_image, flip_blob, make_mixed_image
 
+from snapferry.engine.errors import RepositoryError
 from snapferry.engine.store import Repository
 
 pytestmark = needs_serve
 short_dir = servecli.short_dir
 CS = 256 << 10
+
+
+def _fingerprint(repo: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in repo.rglob("*") if p.is_file() and "lock" not in p.parts[-2]}
 
 
 @pytest.fixture
@@ -35,6 +41,7 @@ def test_nbdcopy_and_qemu_img_read_it_identical_to_restore(
 ) -> None:
     repo, bid, img = backed_up
     restored = tmp_path / "restored.raw"
+    before = _fingerprint(repo.path)
     p = run_cli("restore", bid, "--repo", repo.path, "--disk", "sda", "--to", restored)
     assert p.returncode == 0, p.stderr
     with serving(repo.path, bid, "--disk", "sda", "--socket", str(short_dir / "s.sock")) as s:
@@ -68,8 +75,7 @@ def test_nbdcopy_and_qemu_img_read_it_identical_to_restore(
         r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4096", s.uri],
                            capture_output=True, text=True)
         assert r.returncode != 0 or "read-only" in (r.stdout + r.stderr).lower()
-    assert (repo.path / "backups").exists()
-    assert out.read_bytes() == img.read_bytes()
+    assert _fingerprint(repo.path) == before, "serving must not change the repository"
 
 
 def test_tcp_port_and_clean_stop_on_sigint(
@@ -103,8 +109,13 @@ def test_sigterm_stops_and_removes_the_socket(
     sock = short_dir / "t.sock"
     s = start_serve(repo.path, bid, "--disk", "sda", "--socket", str(sock))
     assert sock.exists()
+    # serving holds the shared role: a deleter (prune) cannot start meanwhile
+    with pytest.raises(RepositoryError), repo.lock("prune", exclusive=True):
+        pass
     assert s.stop(signal.SIGTERM) == 0, s.stderr
     assert not sock.exists() and not pid_alive(s.info["pid"])
+    with repo.lock("prune", exclusive=True):  # released on stop
+        pass
 
 
 def test_bad_input_is_one_line(
@@ -155,10 +166,7 @@ def test_corrupt_chunk_fails_that_read_with_eio_and_one_log_line(
     nz = [i for i in range(len(idx)) if mask[i]]
     bad = nz[len(nz) // 2]
     cid = idx.get(bad)
-    path = Path(repo.store.path_of(cid))
-    blob = bytearray(path.read_bytes())
-    blob[-3] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_blob(repo, cid)
     uses = {i for i in nz if idx.get(i) == cid}
     good = next(i for i in nz if i not in uses)
     with serving(repo.path, bid, "--disk", "sda", "--socket", str(short_dir / "c.sock")) as s:

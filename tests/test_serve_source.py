@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from store_helpers import backup_image, make_mixed_image
+from store_helpers import backup_image, flip_blob, make_mixed_image
 
 from snapferry.engine.errors import CorruptionError, SourceError, UsageError
 from snapferry.engine.source import DiskSource
@@ -29,13 +29,6 @@ def image(tmp_path: Path) -> Path:
     p = tmp_path / "disk.img"
     make_mixed_image(p, 6 * (1 << 20) + 777, seed=7)  # last chunk short
     return p
-
-
-def _corrupt(repo: Repository, cid: bytes) -> None:
-    path = Path(repo.store.path_of(cid))
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0x55
-    path.write_bytes(bytes(data))
 
 
 def test_random_reads_match_the_image(repo: Repository, image: Path) -> None:
@@ -130,7 +123,7 @@ def test_corrupt_chunk_fails_only_its_reads(repo: Repository, image: Path) -> No
     bad = nz[len(nz) // 2]
     cid = idx.get(bad)
     uses = [i for i in nz if idx.get(i) == cid]
-    _corrupt(repo, cid)
+    flip_blob(repo, cid)
     want = image.read_bytes()
     with RestorePointSource.open(repo, m.backup_id) as src:
         for _ in range(2):  # not cached: fails again, same message
@@ -158,3 +151,34 @@ def test_spec_pickles_and_bad_names_are_one_line(repo: Repository, image: Path) 
     finally:
         src.close()
         other.close()
+
+
+def test_small_pages_null_pages_and_runs_across_pages(repo: Repository, tmp_path: Path) -> None:
+    """The same restore point seen through an index of 3-entry pages: reads and extents
+    cross page boundaries; all-zero pages are null (never loaded)."""
+    from snapferry.engine.store.index import DiskIndex
+
+    img = tmp_path / "paged.img"
+    rng = random.Random(9)
+    layout = "DDZZZZZZDZDDDZZ"  # D = data chunk, Z = zero chunk (15 chunks, 5 pages of 3)
+    img.write_bytes(b"".join(rng.randbytes(CS) if c == "D" else bytes(CS) for c in layout)
+                    + rng.randbytes(100))
+    m = backup_image(repo, {"d": img})
+    flat = repo.load_index(m.backup_id, "d")
+    paged = DiskIndex(flat.virtual_size, CS, flat.ids, page_entries=3)
+    assert paged.page(1) is None  # chunks 3..5 hold no data: a null page
+    src = RestorePointSource(paged, repo.reader(), name="paged")
+    want = img.read_bytes()
+    buf = bytearray(len(want))
+    src.readinto(memoryview(buf), 0)
+    assert buf == want
+    for off in (CS * 2 + 7, CS * 5 - 3, CS * 8 + 1):
+        part = bytearray(CS * 3)
+        src.readinto(memoryview(part), off)
+        assert part == want[off : off + len(part)]
+    runs = [(e.offset // CS, -(-e.end // CS), e.zero) for e in src.extents()]
+    assert runs == [(0, 2, False), (2, 8, True), (8, 9, False), (9, 10, True),
+                    (10, 13, False), (13, 15, True), (15, 16, False)]
+    sub = list(src.extents(CS * 3 + 5, CS * 6))  # a window: clipped at both ends
+    assert [(e.offset, e.length, e.zero) for e in sub] == [
+        (CS * 3 + 5, CS * 5 - 5, True), (CS * 8, CS, False), (CS * 9, 5, True)]

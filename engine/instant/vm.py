@@ -215,10 +215,9 @@ class InstantVm:
             if d.on_local or d.export.proc is None or d.export.alive():
                 continue
             code = d.export.proc.returncode
-            d.export.stop()
             d.restarts += 1
             self.say(f"export of disk {d.name} died (exit {code}); restarting it on {d.socket}")
-            d.export.start()
+            d.export.restart()
 
     # -- live restore -----------------------------------------------------------------------
     def live_restore(self, target_dir: Path, *, should_stop: Callable[[], bool] = lambda: False,

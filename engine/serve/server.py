@@ -190,6 +190,9 @@ class NbdkitExport:
         self.size = index.virtual_size
         self.vm = manifest.vm
         self.repo_path = repo.path.resolve()
+        self._repo = repo
+        self._locks = contextlib.ExitStack()
+        self._locked = False
         self.nbdkit = check_tools()
 
     # -- addresses ------------------------------------------------------------------
@@ -234,6 +237,10 @@ class NbdkitExport:
             check_port(o.host, o.port)
         env = dict(os.environ)
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if not self._locked:
+            # the shared role, held while serving: a deleter (prune) cannot run meanwhile
+            self._locks.enter_context(self._repo.lock(f"serve {o.backup_id}"))
+            self._locked = True
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, env=env, start_new_session=True,
@@ -244,6 +251,7 @@ class NbdkitExport:
         while True:
             if self.proc.poll() is not None:
                 self._fwd.join(2)
+                self._release()
                 raise ServeError(f"nbdkit exited at start: {self._why()}")
             if self._answers():
                 break
@@ -295,8 +303,18 @@ class NbdkitExport:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM nbdkit (it closes connections and exits), SIGKILL after ``timeout``."""
+    def _release(self) -> None:
+        self._locks.close()
+        self._locked = False
+
+    def restart(self) -> None:
+        """Start nbdkit again on the same address (after it died), keeping the lock."""
+        self.stop(release=False)
+        self.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT, *, release: bool = True) -> None:
+        """SIGTERM nbdkit (it closes connections and exits), SIGKILL after ``timeout``;
+        then give up the repository lock (unless ``release`` is false)."""
         p = self.proc
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -311,6 +329,8 @@ class NbdkitExport:
             self._fwd.join(2)
         if p is not None and p.stderr is not None:
             p.stderr.close()
+        if release:
+            self._release()
         if self.opts.socket is not None:
             with contextlib.suppress(OSError):
                 if not _connectable(self.opts.socket):

@@ -16,8 +16,10 @@ fill zeros without touching the store. A corrupt or missing chunk raises
 ``CorruptionError`` naming the chunk number, offset and id; it is never cached, so a
 later read retries (and fails the same way) and nothing else is affected.
 
-The repository is reached through ``ChunkReader`` (the one place that knows today's
-store API), so the reader object of format v2 plugs in here.
+The repository is reached through two small protocols: ``IdPages`` (the paged disk
+index of format 2, ``DiskIndex``: only the pages a read touches are loaded, kept in a
+small LRU) and ``ChunkReader`` (``Repository.reader()``: chunk index lookup, pack
+range read, zstd, id check).
 """
 
 from __future__ import annotations
@@ -44,22 +46,22 @@ _ZEROS = memoryview(bytes(4 << 20))
 class ChunkReader(Protocol):
     """Decoded, checked chunk data by id (the repository's read side)."""
 
-    def read_chunk(self, cid: bytes) -> bytes: ...
+    def read(self, cid: bytes) -> bytes | memoryview: ...
 
 
-class RepoChunkReader:
-    """``ChunkReader`` over format v1: ``store.get`` + ``decode_for_read``."""
+class IdPages(Protocol):
+    """The chunk ids of one disk, by page (``snapferry.engine.store.index.DiskIndex``)."""
 
-    def __init__(self, repo: Any) -> None:
-        from snapferry.engine.store.chunkfmt import decode_for_read
+    virtual_size: int
+    chunk_size: int
+    page_entries: int
 
-        self._store = repo.store
-        self._seed = repo.seed
-        self._decode = decode_for_read
+    def __len__(self) -> int: ...
 
-    def read_chunk(self, cid: bytes) -> bytes:
-        data = self._decode(self._store.get(cid), cid, self._seed)
-        return bytes(data)
+    @property
+    def page_count(self) -> int: ...
+
+    def page(self, p: int, *, keep: bool = False) -> np.ndarray | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,18 +97,22 @@ def pick_disk_name(names: list[str], backup_id: str, disk: str | None) -> str:
     )
 
 
+_Page = tuple[np.ndarray, np.ndarray]  # (ids (n, 16) uint8, nonzero mask (n,) bool)
+
+
 class RestorePointSource:
     """A read-only ``DiskSource`` whose data is one disk of one restore point.
 
     Thread-safe: ``readinto`` may be called from many threads at once (the NBD server
-    runs requests in parallel); they share the cache.
+    runs connections in parallel); they share the chunk cache and the page cache.
+    Memory: at most ``cache_bytes`` of decoded chunks plus ``PAGE_CACHE`` index pages.
     """
+
+    PAGE_CACHE = 64
 
     def __init__(
         self,
-        ids: np.ndarray,
-        virtual_size: int,
-        chunk_size: int,
+        index: IdPages,
         reader: ChunkReader,
         *,
         name: str = "restore point",
@@ -114,20 +120,21 @@ class RestorePointSource:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
     ) -> None:
-        if ids.ndim != 2 or ids.shape[1] != 16 or ids.dtype != np.uint8:
-            raise ValueError("ids must be an (n, 16) uint8 array")
-        self._ids = ids
-        self._nonzero = np.asarray(ids.any(axis=1))
-        self._size = virtual_size
-        self._cs = chunk_size
+        self._index = index
+        self._pe = index.page_entries
+        self._n = len(index)
+        self._size = index.virtual_size
+        self._cs = index.chunk_size
         self._reader = reader
         self._name = name
         self._spec = spec
-        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self._cache_max = max(2, cache_bytes // chunk_size)
-        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._pages: OrderedDict[int, _Page | None] = OrderedDict()
+        self._cache: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
+        self._cache_max = max(2, cache_bytes // self._cs)
+        self._inflight: dict[bytes, Future[bytes | memoryview]] = {}
         self._lock = threading.Lock()
-        self._readahead = max(0, readahead_bytes // chunk_size)
+        self._page_lock = threading.Lock()
+        self._readahead = max(0, readahead_bytes // self._cs)
         self._last_end = -1
         self._prefetched_to = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -144,27 +151,48 @@ class RestorePointSource:
         **kw: Any,
     ) -> RestorePointSource:
         """Open disk ``disk`` (or the only disk) of restore point ``backup_id`` in
-        ``repo`` (a ``Repository`` or its path)."""
+        ``repo`` (a ``Repository`` or its path). One ``ChunkReader`` (the repository's
+        chunk index) serves both the index pages and the data."""
         from snapferry.engine.store.repo import Repository
 
         if not isinstance(repo, Repository):
             repo = Repository.open(repo)
         manifest = repo.load_manifest(backup_id)
         name = pick_disk_name(list(manifest.disk_names), backup_id, disk)
-        index = repo.load_index(backup_id, name, manifest)
+        reader = repo.reader()
+        index = repo.load_index(backup_id, name, manifest, reader=reader)
         spec = RestorePointSpec(str(repo.path), backup_id, name)
-        return cls(
-            index.ids,
-            index.virtual_size,
-            index.chunk_size,
-            RepoChunkReader(repo),
-            name=f"restore point {backup_id}, disk {name}",
-            spec=spec,
-            **kw,
-        )
+        return cls(index, reader, name=f"restore point {backup_id}, disk {name}", spec=spec,
+                   **kw)
 
     def __repr__(self) -> str:
         return f"RestorePointSource({self._name!r})"
+
+    # -- index pages --------------------------------------------------------------------
+    def _page(self, p: int) -> _Page | None:
+        """Page ``p`` as (ids, nonzero mask), or None for a null page (all zeros)."""
+        with self._page_lock:
+            if p in self._pages:
+                self._pages.move_to_end(p)
+                return self._pages[p]
+        try:
+            arr = self._index.page(p)
+        except RepositoryError as e:
+            raise CorruptionError(f"{self._name}: index page {p} is unreadable: {e}") from None
+        got: _Page | None = None if arr is None else (arr, np.asarray(arr.any(axis=1)))
+        with self._page_lock:
+            self._pages[p] = got
+            while len(self._pages) > self.PAGE_CACHE:
+                self._pages.popitem(last=False)
+        return got
+
+    def _cid(self, i: int) -> bytes | None:
+        """The id of chunk ``i``, or None for a zero chunk."""
+        pg = self._page(i // self._pe)
+        if pg is None:
+            return None
+        k = i % self._pe
+        return pg[0][k].tobytes() if pg[1][k] else None
 
     # -- DiskSource ------------------------------------------------------------------
     @property
@@ -190,15 +218,26 @@ class RestorePointSource:
             return
         cs = self._cs
         first, last = offset // cs, (end - 1) // cs
-        mask = self._nonzero[first : last + 1]
-        # boundaries where the kind changes, as chunk numbers relative to ``first``
-        change = np.flatnonzero(mask[1:] != mask[:-1]) + 1
-        starts = np.concatenate(([0], change))
-        stops = np.concatenate((change, [len(mask)]))
-        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-            lo = max(offset, (first + s) * cs)
-            hi = min(end, (first + e) * cs)
-            yield Extent(lo, hi - lo, zero=not bool(mask[s]), dirty=False)
+        run_start, run_zero = offset, None
+        for p in range(first // self._pe, last // self._pe + 1):
+            a = max(first, p * self._pe)
+            b = min(last + 1, (p + 1) * self._pe)
+            pg = self._page(p)
+            if pg is None:
+                kinds = np.zeros(b - a, dtype=bool)
+            else:
+                kinds = pg[1][a - p * self._pe : b - p * self._pe]
+            change = np.flatnonzero(kinds[1:] != kinds[:-1]) + 1
+            for s_, kind in zip(np.concatenate(([0], change)).tolist(),
+                                kinds[np.concatenate(([0], change))].tolist(), strict=True):
+                zero = not kind
+                if run_zero is None:
+                    run_zero = zero
+                elif zero != run_zero:
+                    lo_ = max(offset, (a + s_) * cs)
+                    yield Extent(run_start, lo_ - run_start, zero=run_zero, dirty=False)
+                    run_start, run_zero = lo_, zero
+        yield Extent(run_start, end - run_start, zero=bool(run_zero), dirty=False)
 
     def readinto(self, buf: memoryview, offset: int) -> None:
         mv = memoryview(buf).cast("B")
@@ -219,11 +258,12 @@ class RestorePointSource:
             lo = max(offset, c_off) - c_off
             hi = min(offset + total, c_off + cs) - c_off
             n = hi - lo
-            if not self._nonzero[i]:
+            cid = self._cid(i)
+            if cid is None:
                 mv[pos : pos + n] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
             else:
-                data = self._chunk(i)
-                mv[pos : pos + n] = memoryview(data)[lo:hi]  # one copy, no slice object
+                data = self._chunk(i, cid)
+                mv[pos : pos + n] = memoryview(data)[lo:hi]
             pos += n
 
     def spec(self) -> RestorePointSpec:
@@ -254,25 +294,25 @@ class RestorePointSource:
         self.close()
 
     # -- chunks, cache, read-ahead -----------------------------------------------------
-    def _load(self, i: int, cid: bytes) -> bytes:
+    def _load(self, i: int, cid: bytes) -> bytes | memoryview:
         cs = self._cs
         want = min(cs, self._size - i * cs)
         try:
-            data = self._reader.read_chunk(cid)
+            data = self._reader.read(cid)
         except RepositoryError as e:
             raise CorruptionError(
                 f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is unreadable: {e}"
             ) from None
-        if len(data) < want or (len(data) > want and len(data) != cs):
+        got = memoryview(data).nbytes
+        if got < want or (got > want and got != cs):
             raise CorruptionError(
                 f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is "
-                f"{len(data)} bytes, expected {want}"
+                f"{got} bytes, expected {want}"
             )
         self.chunk_reads += 1
         return data
 
-    def _chunk(self, i: int) -> bytes:
-        cid = self._ids[i].tobytes()
+    def _chunk(self, i: int, cid: bytes) -> bytes | memoryview:
         with self._lock:
             hit = self._cache.get(cid)
             if hit is not None:
@@ -290,7 +330,7 @@ class RestorePointSource:
             return fut.result()
         return self._fill(i, cid, fut)
 
-    def _fill(self, i: int, cid: bytes, fut: Future[bytes]) -> bytes:
+    def _fill(self, i: int, cid: bytes, fut: Future[bytes | memoryview]) -> bytes | memoryview:
         """Decode chunk ``i`` into ``fut`` (registered in ``_inflight`` by the caller)."""
         try:
             data = self._load(i, cid)
@@ -315,7 +355,7 @@ class RestorePointSource:
         if not self._readahead:
             return
         cs = self._cs
-        jobs: list[tuple[int, bytes, Future[bytes]]] = []
+        jobs: list[tuple[int, bytes, Future[bytes | memoryview]]] = []
         with self._lock:
             sequential = self._last_end >= 0 and abs(offset - self._last_end) <= cs
             self._last_end = offset + total
@@ -323,19 +363,21 @@ class RestorePointSource:
                 self._prefetched_to = last + 1
                 return
             start = max(last + 1, self._prefetched_to)
-            stop = min(len(self._nonzero), last + 1 + self._readahead)
+            stop = min(self._n, last + 1 + self._readahead)
             if start >= stop:
                 return
             self._prefetched_to = stop
-            for j in range(start, stop):
-                if not self._nonzero[j]:
-                    continue
-                cid = self._ids[j].tobytes()
+        for j in range(start, stop):
+            cid = self._cid(j)
+            if cid is None:
+                continue
+            with self._lock:
                 if cid in self._cache or cid in self._inflight:
                     continue
-                fut: Future[bytes] = Future()
+                fut: Future[bytes | memoryview] = Future()
                 self._inflight[cid] = fut
                 jobs.append((j, cid, fut))
+        with self._lock:
             if jobs and self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=_PREFETCH_THREADS, thread_name_prefix="readahead"
@@ -345,7 +387,7 @@ class RestorePointSource:
             assert pool is not None
             pool.submit(self._prefetch_one, j, cid, fut)
 
-    def _prefetch_one(self, i: int, cid: bytes, fut: Future[bytes]) -> None:
+    def _prefetch_one(self, i: int, cid: bytes, fut: Future[bytes | memoryview]) -> None:
         try:
             self._fill(i, cid, fut)
         except Exception:
