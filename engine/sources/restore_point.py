@@ -24,6 +24,7 @@ range read, zstd, id check).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -403,3 +404,69 @@ def open_restore_point(
 
         repo = Repository.open(repo)
     return RestorePointSource.open(repo, backup_id, disk, **kw)
+
+
+def copy_to_fd(
+    src: Any,
+    fd: int,
+    *,
+    workers: int = 2,
+    block: int = 4 << 20,
+    advance: Any = None,
+    wrote: Any = None,
+) -> int:
+    """Copy every data extent of the ``DiskSource`` ``src`` into the file ``fd`` at the
+    same offsets (zero extents are skipped: the caller's file is sparse there).
+
+    Blocks of ``block`` bytes (aligned to it) are read and ``pwrite``-n by ``workers``
+    threads, a bounded number in flight; ``advance(n)`` and ``wrote(n)`` are called in
+    the calling thread after each block. Returns the bytes written."""
+    from collections import deque
+
+    def ranges() -> Iterator[tuple[int, int]]:
+        for e in src.extents():
+            if e.zero:
+                continue
+            off = e.offset
+            while off < e.end:
+                n = min(e.end, (off // block + 1) * block) - off
+                yield off, n
+                off += n
+
+    def one(off: int, n: int) -> int:
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        src.readinto(mv, off)
+        while mv:
+            k = os.pwrite(fd, mv, off)
+            mv = mv[k:]
+            off += k
+        return n
+
+    total = 0
+
+    def done(n: int) -> None:
+        nonlocal total
+        total += n
+        if advance is not None:
+            advance(n)
+        if wrote is not None:
+            wrote(n)
+
+    if workers <= 1:
+        for off, n in ranges():
+            done(one(off, n))
+        return total
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="copy") as pool:
+        pending: deque[Future[int]] = deque()
+        try:
+            for off, n in ranges():
+                pending.append(pool.submit(one, off, n))
+                if len(pending) >= 2 * workers:
+                    done(pending.popleft().result())
+            while pending:
+                done(pending.popleft().result())
+        finally:
+            for f in pending:
+                f.cancel()
+    return total
