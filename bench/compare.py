@@ -7,6 +7,12 @@ checks, and writes everything as JSON. See bench/README.md for how to read it.
 
     .venv/bin/python bench/compare.py [--size 2G] [--out bench/out/compare.json]
         [--workdir DIR] [--skip restic,borg] [--repeat N] [--profile]
+        [--tree DIR[,DIR...]] [--images generated,tree]
+
+``--tree`` builds a second image from real files (``mke2fs -t ext4 -d``, the directories
+hard-linked or copied into one staging tree) and ``--images`` picks which images run;
+every row also reports the user and system CPU time and the peak RSS of the tool's
+process tree (``wait4``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -69,10 +76,23 @@ class Row:
     gbps_virtual: float | None = None
     gbps_read: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    usage: list[tuple[float, float, int]] = field(default_factory=list)  # user, sys, KiB
+    user_seconds: float | None = None
+    sys_seconds: float | None = None
+    peak_rss_kib: int | None = None
+
+    def took(self, seconds: float) -> None:
+        """One timed run; its CPU and memory come from the ``run`` just made."""
+        self.runs.append(seconds)
+        self.usage.append(LAST_USAGE[0])
 
     def finish(self) -> None:
         if self.runs:
             self.seconds = min(self.runs)
+            if len(self.usage) == len(self.runs):
+                u = self.usage[self.runs.index(self.seconds)]
+                self.user_seconds, self.sys_seconds = round(u[0], 3), round(u[1], 3)
+                self.peak_rss_kib = max(x[2] for x in self.usage)
         if self.seconds and self.seconds > 0:
             self.gbps_virtual = self.virtual_bytes / self.seconds / GB
             if self.read_bytes is not None:
@@ -102,10 +122,52 @@ def parse_size(text: str) -> int:
     return size
 
 
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+LAST_USAGE: list[tuple[float, float, int]] = [(0.0, 0.0, 0)]
+"""(user s, sys s, peak RSS KiB) of the last ``run``'s process tree."""
+
+
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command; on failure raise BenchError with its last stderr line."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, cwd=cwd)
+    """Run a command; on failure raise BenchError with its last stderr line. Its CPU
+    time and peak RSS (``wait4``: the child and the descendants it waited for) go to
+    ``LAST_USAGE``."""
+    # Peak RSS through GNU time (a small process forks the tool: a child forked straight
+    # from this big Python process would report this process's RSS as its own peak).
+    rss_file = None
+    argv = list(cmd)
+    if GNU_TIME:
+        fd, rss_file = tempfile.mkstemp(prefix="sfbench-rss-")
+        os.close(fd)
+        argv = [GNU_TIME, "-q", "-f", "%M", "-o", rss_file, *argv]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=cwd)
+    got: dict[str, str] = {}
+
+    def drain(name: str, stream: Any) -> None:
+        got[name] = stream.read()
+
+    threads = [threading.Thread(target=drain, args=(n, st), daemon=True)
+               for n, st in (("out", p.stdout), ("err", p.stderr))]
+    for t in threads:
+        t.start()
+    _pid, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    for t in threads:
+        t.join()
+    for st in (p.stdout, p.stderr):
+        if st is not None:
+            st.close()
+    proc = subprocess.CompletedProcess(list(cmd), p.returncode, got.get("out", ""),
+                                       got.get("err", ""))
+    peak = 0
+    if rss_file is not None:
+        try:
+            peak = int(Path(rss_file).read_text().split()[-1])
+        except (OSError, ValueError, IndexError):
+            peak = 0
+        Path(rss_file).unlink(missing_ok=True)
+    LAST_USAGE[0] = (ru.ru_utime, ru.ru_stime, peak)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         last = lines[-1] if lines else ""
@@ -221,10 +283,37 @@ def qcow2_allocated(path: Path) -> int:
     return sum(e["length"] for e in json.loads(out) if e.get("data"))
 
 
-def build_images(workdir: Path, size: int, seed: int, change_frac: float) -> Images:
+def build_tree_image(path: Path, size: int, dirs: Sequence[str], workdir: Path) -> dict[str, int]:
+    """An ext4 image of ``size`` bytes holding copies of real directories
+    (``mke2fs -t ext4 -d``): hard links into one staging tree (copies across
+    filesystems)."""
+    if not shutil.which("mke2fs"):
+        raise BenchError("--tree needs mke2fs (Debian: e2fsprogs)")
+    stage = workdir / "tree-src"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    for d in dirs:
+        src = Path(d)
+        if not src.is_dir():
+            raise BenchError(f"--tree: {d} is not a directory")
+        dst = stage / (src.name or "root")
+        if subprocess.run(["cp", "-al", str(src), str(dst)], capture_output=True).returncode:
+            shutil.rmtree(dst, ignore_errors=True)
+            run(["cp", "-a", str(src), str(dst)])
+    path.unlink(missing_ok=True)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(stage), str(path), f"{size // 1024}k"])
+    shutil.rmtree(stage, ignore_errors=True)
+    return {"tree": os.stat(path).st_blocks * 512}
+
+
+def build_images(workdir: Path, size: int, seed: int, change_frac: float,
+                 tree: Sequence[str] = ()) -> Images:
     t0 = time.perf_counter()
     base_raw = workdir / "base.raw"
-    stats = make_bench_image(base_raw, size, seed)
+    if tree:
+        content = build_tree_image(base_raw, size, tree, workdir)
+    else:
+        content = make_bench_image(base_raw, size, seed).bytes_by_kind
     base_qcow2 = workdir / "base.qcow2"
     changed_qcow2 = workdir / "changed.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(base_raw), str(base_qcow2)])
@@ -255,7 +344,7 @@ def build_images(workdir: Path, size: int, seed: int, change_frac: float) -> Ima
     changed_raw = workdir / "changed.raw"
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(changed_qcow2), str(changed_raw)])
     return Images(base_raw, base_qcow2, changed_raw, changed_qcow2, size,
-                  qcow2_allocated(base_qcow2), blocks, stats.bytes_by_kind,
+                  qcow2_allocated(base_qcow2), blocks, content,
                   time.perf_counter() - t0)
 
 
@@ -323,6 +412,7 @@ class Options:
     chunk_size: str | None
     workers: int | None
     snapferry: str
+    tree: tuple[str, ...] = ()
 
 
 class Bench:
@@ -364,8 +454,11 @@ class Bench:
     def run(self) -> dict[str, Any]:
         o = self.o
         o.workdir.mkdir(parents=True, exist_ok=True)
-        print(f"building a {o.size / 2**30:.2f} GiB image in {o.workdir} ...", file=sys.stderr)
-        img = build_images(o.workdir, o.size, o.seed, o.change_frac)
+        kind = f"ext4 of {', '.join(o.tree)}" if o.tree else "generated"
+        print(f"building a {o.size / 2**30:.2f} GiB {kind} image in {o.workdir} ...",
+              file=sys.stderr)
+        img = build_images(o.workdir, o.size, o.seed, o.change_frac, o.tree)
+        self.info["image_kind"] = kind
         for p in (img.base_raw, img.changed_raw, img.base_qcow2, img.changed_qcow2):
             warm(p)
         with qemu_nbd(img.base_qcow2, o.workdir / "base.sock") as base_uri, \
@@ -471,7 +564,7 @@ class Bench:
                 empty = tree_bytes(repo)
                 t0 = time.perf_counter()
                 j = self.sf(*self.sf_backup_args(base_uri, repo))
-                full.runs.append(time.perf_counter() - t0)
+                full.took(time.perf_counter() - t0)
                 after_full = tree_bytes(repo)
                 full.stored_bytes = after_full - empty
                 full.read_bytes = _disk_sum(j, "bytes_read")
@@ -481,7 +574,7 @@ class Bench:
                 t0 = time.perf_counter()
                 j2 = self.sf(*self.sf_backup_args(chg_uri, repo), "--bitmap", BITMAP,
                              "--parent", full_id)
-                inc.runs.append(time.perf_counter() - t0)
+                inc.took(time.perf_counter() - t0)
                 inc.stored_bytes = tree_bytes(repo) - after_full
                 inc.read_bytes = _disk_sum(j2, "bytes_read")
                 inc.extra = {"json": j2, "chunk_size": _chunk_size(repo, j2, self.o.chunk_size)}
@@ -493,7 +586,7 @@ class Bench:
                 t0 = time.perf_counter()
                 j3 = self.sf("restore", "--repo", str(repo), str(j2["backup_id"]),
                              "--to", str(out), "--format", "raw", "--json")
-                rst.runs.append(time.perf_counter() - t0)
+                rst.took(time.perf_counter() - t0)
                 same = subprocess.run(["cmp", "-s", str(out), str(img.changed_raw)]).returncode
                 rst.extra = {"json": j3, "cmp_ok": same == 0}
                 rst.read_bytes = None
@@ -559,9 +652,9 @@ class Bench:
 
         def go() -> None:
             for _ in range(self.o.repeat):
-                null.runs.append(timed(["nbdcopy", base_uri, "null:"])[0])
+                null.took(timed(["nbdcopy", base_uri, "null:"])[0])
                 out.unlink(missing_ok=True)
-                tofile.runs.append(timed(["nbdcopy", base_uri, str(out)])[0])
+                tofile.took(timed(["nbdcopy", base_uri, str(out)])[0])
                 out.unlink(missing_ok=True)
 
         self.guarded([null, tofile], go)
@@ -579,7 +672,7 @@ class Bench:
 
         def go() -> None:
             for _ in range(self.o.repeat):
-                r.runs.append(timed(["zstd", "-T0", "-3", "-q", "-f", str(img.base_raw),
+                r.took(timed(["zstd", "-T0", "-3", "-q", "-f", str(img.base_raw),
                                      "-o", str(out)])[0])
                 r.stored_bytes = out.stat().st_size
                 out.unlink()
@@ -619,11 +712,11 @@ class Bench:
                 backup = ["restic", "-r", str(repo), "backup", "-q", "--host", "bench",
                           "disk.raw"]
                 src = self._stage("restic", img.base_raw)
-                full.runs.append(timed(backup, env=env, cwd=src)[0])
+                full.took(timed(backup, env=env, cwd=src)[0])
                 after = tree_bytes(repo)
                 full.stored_bytes = after - empty
                 src = self._stage("restic", img.changed_raw)
-                inc.runs.append(timed(backup, env=env, cwd=src)[0])
+                inc.took(timed(backup, env=env, cwd=src)[0])
                 inc.stored_bytes = tree_bytes(repo) - after
                 shutil.rmtree(repo, ignore_errors=True)
             shutil.rmtree(self.o.workdir / "restic-src", ignore_errors=True)
@@ -652,12 +745,12 @@ class Bench:
                 run(["borg", "init", "-e", "none", str(repo)], env=env)
                 empty = tree_bytes(repo)
                 src = self._stage("borg", img.base_raw)
-                full.runs.append(timed(["borg", "create", "--compression", "zstd,3",
+                full.took(timed(["borg", "create", "--compression", "zstd,3",
                                         f"{repo}::full", "disk.raw"], env=env, cwd=src)[0])
                 after = tree_bytes(repo)
                 full.stored_bytes = after - empty
                 src = self._stage("borg", img.changed_raw)
-                inc.runs.append(timed(["borg", "create", "--compression", "zstd,3",
+                inc.took(timed(["borg", "create", "--compression", "zstd,3",
                                        f"{repo}::incremental", "disk.raw"], env=env,
                                       cwd=src)[0])
                 inc.stored_bytes = tree_bytes(repo) - after
@@ -823,14 +916,15 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    head = ("tool", "operation", "seconds", "vs snapferry", "GB/s virt", "GB/s read", "stored")
+    head = ("tool", "operation", "seconds", "vs snapferry", "GB/s virt", "GB/s read", "stored",
+            "user s", "sys s", "peak MiB")
     lines: list[list[str]] = []
     notes: dict[int, str] = {}  # line index -> free text of a skipped/failed row
     for r in result["rows"]:
         if r["status"] != "ok":
             notes[len(lines)] = f"{r['status']}: {r['note']}" if r["status"] == "failed" \
                 else r["note"] or r["status"]
-            lines.append([r["tool"], r["operation"], "", "", "", "", ""])
+            lines.append([r["tool"], r["operation"], "", "", "", "", "", "", "", ""])
             continue
         ratio = f"{r['ratio']:.2f}x ({r['compare_to']})" if r["ratio"] is not None else "-"
         lines.append([
@@ -838,6 +932,9 @@ def render(result: dict[str, Any]) -> str:
             f"{r['gbps_virtual']:.2f}" if r["gbps_virtual"] is not None else "-",
             f"{r['gbps_read']:.2f}" if r["gbps_read"] is not None else "-",
             fmt_bytes(r["stored_bytes"]),
+            f"{r['user_seconds']:.2f}" if r.get("user_seconds") is not None else "-",
+            f"{r['sys_seconds']:.2f}" if r.get("sys_seconds") is not None else "-",
+            f"{r['peak_rss_kib'] / 1024:.0f}" if r.get("peak_rss_kib") else "-",
         ])
     widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
@@ -895,7 +992,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--chunk-size", default=None, help="passed to snapferry init")
     ap.add_argument("--workers", type=int, default=None, help="passed to snapferry backup")
     ap.add_argument("--snapferry", default=None, help="snapferry executable")
+    ap.add_argument("--tree", default="",
+                    help="comma list of directories for the real-files image (mke2fs -d)")
+    ap.add_argument("--images", default=None,
+                    help="comma list of: generated, tree (default: generated, and tree "
+                         "too when --tree is given)")
     a = ap.parse_args(argv)
+    kinds = [k.strip() for k in (a.images or ("generated,tree" if a.tree else "generated"))
+             .split(",") if k.strip()]
+    if not kinds or set(kinds) - {"generated", "tree"}:
+        ap.error("--images takes generated and/or tree")
+    if "tree" in kinds and not a.tree:
+        ap.error("--images tree needs --tree DIR[,DIR...]")
+    a.kinds = kinds
     if a.repeat < 1:
         ap.error("--repeat must be >= 1")
     if not 0 < a.change_frac < 1:
@@ -903,15 +1012,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def make_options(a: argparse.Namespace, workdir: Path) -> Options:
+def make_options(a: argparse.Namespace, workdir: Path, kind: str = "generated") -> Options:
     exe = a.snapferry or str(Path(sys.executable).parent / "snapferry")
     if not Path(exe).exists():
         exe = shutil.which("snapferry") or exe
+    tree = tuple(d.strip() for d in a.tree.split(",") if d.strip()) if kind == "tree" else ()
     return Options(size=a.size, out=a.out, workdir=workdir,
                    skip={s.strip() for s in a.skip.split(",") if s.strip()},
                    repeat=a.repeat, profile=a.profile, seed=a.seed,
                    change_frac=a.change_frac, chunk_size=a.chunk_size, workers=a.workers,
-                   snapferry=exe)
+                   snapferry=exe, tree=tree)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -924,9 +1034,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp: str | None = None
     if args.workdir is None:
         tmp = tempfile.mkdtemp(prefix="sfbench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    results: list[dict[str, Any]] = []
     opts = make_options(args, Path(tmp) if tmp else args.workdir)
     try:
-        result = Bench(opts).run()
+        for kind in args.kinds:
+            base = Path(tmp) if tmp else args.workdir
+            opts = make_options(args, base / kind if len(args.kinds) > 1 else base, kind)
+            results.append(Bench(opts).run())
     except BenchError as e:
         print(f"compare.py: {e}", file=sys.stderr)
         return 1
@@ -937,8 +1051,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
+    doc: Any = results[0] if len(results) == 1 else {"runs": results}
+    opts.out.write_text(json.dumps(doc, indent=2) + "\n")
+    for result in results:
+        print(f"\n== {result.get('image_kind', 'generated')} image ==")
+        print(render(result))
     print(f"\nJSON: {opts.out}")
     return 0
 

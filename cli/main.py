@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a repository")
     p.add_argument("path", metavar="REPO")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                   help="chunk size (power of two, 64K..4M; default 256K)")
+                   help="chunk size (power of two, 64K..4M; default 128K)")
     p.add_argument("--compression", type=int, default=None, metavar="LEVEL",
                    help="zstd level 1..19 (default 1; 19 stores least, slowest; "
                         "see docs/chunk-size.md)")
