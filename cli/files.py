@@ -33,14 +33,14 @@ def add_command(
 
 
 def cmd_files(args: argparse.Namespace) -> int:
-    from snapferry.cli.main import repo_path
+    from snapferry.cli.serve import repo_path_of
     from snapferry.engine.serve.files import RestorePointFiles
 
     if args.action == "get" and not args.to:
         raise UsageError("files get needs --to DEST")
     if args.action == "ls" and args.to:
         raise UsageError("--to is for files get")
-    with RestorePointFiles(Path(repo_path(args)), args.backup_id, args.disk) as fs:
+    with RestorePointFiles(Path(repo_path_of(args)), args.backup_id, args.disk) as fs:
         if args.action == "ls":
             entries = fs.ls(args.path)
             if args.json:

@@ -18,14 +18,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from snapferry.cli.serve import emit_line, stop_signals
+from snapferry.cli.serve import emit_line, repo_path_of, stop_signals
 from snapferry.engine.errors import SnapferryError
 
 
 def parse_size(text: str) -> int:
-    from snapferry.cli.main import parse_size as parse
-
-    return parse(text)
+    try:
+        from snapferry.cli.common import parse_size as parse  # type: ignore[attr-defined,unused-ignore]
+    except ModuleNotFoundError:
+        from snapferry.cli.main import parse_size as parse
+    return int(parse(text))
 
 NAME = "instant"
 
@@ -59,7 +61,6 @@ def add_command(
 
 
 def cmd_instant(args: argparse.Namespace) -> int:
-    from snapferry.cli.main import repo_path
     from snapferry.engine.instant.vm import InstantVm
 
     t0 = time.monotonic()
@@ -78,7 +79,7 @@ def cmd_instant(args: argparse.Namespace) -> int:
         from snapferry.engine.errors import UsageError
 
         raise UsageError(f"live-restore directory {target} does not exist")
-    inst = InstantVm(Path(repo_path(args)), args.backup_id, lab_dir, say=say)
+    inst = InstantVm(Path(repo_path_of(args)), args.backup_id, lab_dir, say=say)
     failed = False
     with stop_signals() as stop:
         inst.boot(workload=not args.no_workload)

@@ -39,6 +39,16 @@ def add_command(
     return cmd_serve
 
 
+def repo_path_of(args: argparse.Namespace) -> str:
+    """The repository path (``--repo`` or ``$SNAPFERRY_REPO``), from whichever module of
+    the CLI holds that helper (``cli.common`` after the CLI's split into modules)."""
+    try:
+        from snapferry.cli.common import repo_path  # type: ignore[attr-defined,unused-ignore]
+    except ModuleNotFoundError:
+        from snapferry.cli.main import repo_path
+    return str(repo_path(args))
+
+
 def emit_line(obj: object) -> None:
     """One JSON object on one line (a reader of a long-running command reads a line)."""
     sys.stdout.write(json.dumps(obj) + "\n")
@@ -62,11 +72,10 @@ def stop_signals() -> Iterator[threading.Event]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from snapferry.cli.main import repo_path
     from snapferry.engine.serve.server import ExportOptions, NbdkitExport, ServeError
 
     opts = ExportOptions(
-        repo=Path(repo_path(args)),
+        repo=Path(repo_path_of(args)),
         backup_id=args.backup_id,
         disk=args.disk,
         socket=Path(args.socket) if args.socket else None,
