@@ -25,13 +25,16 @@ from typing import cast
 
 from snapferry.cli import (
     cmd_backup,
+    cmd_files,
     cmd_forget,
     cmd_info,
     cmd_init,
+    cmd_instant,
     cmd_key,
     cmd_list,
     cmd_prune,
     cmd_restore,
+    cmd_serve,
     cmd_verify,
 )
 from snapferry.cli.common import (
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_forget.add_parser(sub)
     cmd_prune.add_parser(sub)
     cmd_key.add_parser(sub)
+    for extra in (cmd_serve, cmd_instant, cmd_files):  # instant recovery
+        run = extra.add_command(sub)
+        sub.choices[extra.NAME].set_defaults(func=run)
     if vm is not None and hasattr(vm, "add_vm_commands"):
         vm.add_vm_commands(sub)  # lab, demo
         for name, text in (("lab", LAB_EPILOG), ("demo", DEMO_EPILOG)):

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-guest-agent
-    libnbd0 libnbd-bin nbdkit
+    libnbd0 libnbd-bin nbdkit nbdkit-plugin-python fuse3
     linux-image-amd64 busybox-static e2fsprogs cpio kmod
     zstd restic borgbackup
     golang-go golang-github-vmware-govmomi-dev

@@ -23,7 +23,7 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_clean() -> None:
-    r = _run("ruff", "check", "engine", "native", "cli", "pkgroot", "tests", "bench")
+    r = _run("ruff", "check", "engine", "native", "cli", "pkgroot", "lab", "tests", "bench")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -34,7 +34,7 @@ def test_mypy_clean(tmp_path: Path) -> None:
     pkg.mkdir()
     for f in ("__init__.py", "__main__.py"):
         (pkg / f).symlink_to(ROOT / "pkgroot" / f)
-    for d in ("engine", "native", "cli"):
+    for d in ("engine", "native", "cli", "lab"):
         (pkg / d).symlink_to(ROOT / d, target_is_directory=True)
     exe = BIN / "mypy"
     if not exe.exists():

@@ -1,0 +1,155 @@
+"""nbdkit Python plugin: one disk of a restore point as a read-only NBD export.
+
+nbdkit loads this file as a script (``nbdkit python script=THIS_FILE ...``) into its
+embedded interpreter (Debian's /usr/bin/python3), not into snapferry's virtualenv. The
+parameters, in this order on nbdkit's command line:
+
+    sitedirs=DIR[:DIR...]   site-packages holding snapferry and its dependencies
+                            (added with ``site.addsitedir``, so .pth files, i.e. an
+                            editable install, work too)
+    repo=PATH backup=ID disk=NAME
+    cache=BYTES readahead=BYTES    (optional)
+    model=serialize_requests|parallel   (optional, see thread_model)
+
+Connections run in parallel (zstd and the file reads release the GIL), each one's
+requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
+every connection shares one chunk cache and its read-ahead. The export is read-only,
+so multi-conn is safe. ``extents`` reports zero chunks as holes (``HOLE|ZERO``) for
+``base:allocation``. A chunk that fails its checks makes
+the read fail with EIO and logs one line (once per chunk) on nbdkit's stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import site
+import sys
+import threading
+from typing import Any
+
+try:
+    import nbdkit  # provided by nbdkit's python plugin at run time
+except ImportError:  # imported outside nbdkit (tests, packaging): nothing to do
+    nbdkit = None
+
+API_VERSION = 2
+MAX_EXTENTS = 4096  # per reply; clients ask again from where a reply ended
+
+_params: dict[str, str] = {}
+_source: Any = None
+_reported: set[int] = set()
+_report_lock = threading.Lock()
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"snapferry serve: {msg}\n")
+    sys.stderr.flush()
+
+
+def thread_model() -> int:
+    """``model=serialize_requests`` (the default): one request at a time per connection,
+    connections in parallel. nbdkit 1.32 aborts (``raw_send_socket: Assertion
+    `sock >= 0' failed``) when a client hangs up after a failed read while other
+    requests of that connection are in flight under the parallel model (seen with
+    nbdkit's own file plugin and error filter too), so ``parallel`` is opt-in."""
+    if _params.get("model") == "parallel":
+        return int(nbdkit.THREAD_MODEL_PARALLEL)
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
+
+
+def config(key: str, value: str) -> None:
+    if key == "sitedirs":
+        for d in value.split(":"):
+            if d and d not in sys.path:
+                site.addsitedir(d)
+    elif key in ("repo", "backup", "disk", "cache", "readahead", "model"):
+        _params[key] = value
+    else:
+        raise ValueError(f"unknown parameter {key!r}")
+
+
+def config_complete() -> None:
+    for key in ("repo", "backup", "disk"):
+        if key not in _params:
+            raise ValueError(f"parameter {key}= is required")
+
+
+def get_ready() -> None:
+    """Open the restore point once, before any client connects."""
+    global _source
+    try:
+        from snapferry.engine.sources.restore_point import RestorePointSource
+    except ImportError as e:
+        _log(f"cannot import snapferry in nbdkit's Python {sys.version.split()[0]}: {e}")
+        raise
+    kw: dict[str, int] = {}
+    if "cache" in _params:
+        kw["cache_bytes"] = int(_params["cache"])
+    if "readahead" in _params:
+        kw["readahead_bytes"] = int(_params["readahead"])
+    try:
+        _source = RestorePointSource.open(
+            _params["repo"], _params["backup"], _params["disk"], **kw
+        )
+    except Exception as e:
+        _log(str(e))
+        raise
+
+
+def cleanup() -> None:
+    if _source is not None:
+        _source.close()
+
+
+def open(readonly: bool) -> int:
+    return 1
+
+
+def get_size(h: int) -> int:
+    return int(_source.size)
+
+
+def can_write(h: int) -> bool:
+    return False
+
+
+def can_multi_conn(h: int) -> bool:
+    return True
+
+
+def can_extents(h: int) -> bool:
+    return True
+
+
+def can_cache(h: int) -> int:
+    return int(nbdkit.CACHE_EMULATE)
+
+
+def is_rotational(h: int) -> bool:
+    return False
+
+
+def pread(h: int, buf: Any, offset: int, flags: int) -> None:
+    from snapferry.engine.errors import SnapferryError
+
+    try:
+        _source.readinto(memoryview(buf), offset)
+    except SnapferryError as e:
+        key = hash(str(e))
+        with _report_lock:
+            first = key not in _reported
+            _reported.add(key)
+        if first:
+            _log(f"read of {len(buf)} bytes at offset {offset} failed with EIO: {e}")
+        nbdkit.set_error(errno.EIO)
+        raise OSError(errno.EIO, "corrupt restore point data") from None
+
+
+def extents(h: int, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    hole = int(nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)
+    out: list[tuple[int, int, int]] = []
+    for e in _source.extents(offset, count):
+        out.append((e.offset, e.length, hole if e.zero else 0))
+        if len(out) >= MAX_EXTENTS or flags & nbdkit.FLAG_REQ_ONE:
+            break
+    return out

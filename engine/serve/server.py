@@ -1,0 +1,343 @@
+"""Start, watch and stop the nbdkit process that exports one restore-point disk.
+
+    snapferry (this process)                      nbdkit (own session, --exit-with-parent)
+      validate: repo, backup id, disk, socket       python plugin (nbdkit_plugin.py) in
+      spawn nbdkit --readonly ... python ...  --->  nbdkit's /usr/bin/python3, with
+      forward its stderr lines (one per event)      sitedirs= pointing at our
+      wait until the socket/port answers            site-packages
+      SIGINT/SIGTERM -> SIGTERM nbdkit, reap it
+
+Bad input never reaches nbdkit: an unknown backup id or disk, a socket path in use (a
+live server answers on it, or a non-socket file is there), a port in use are refused
+here as one ``UsageError`` line. A stale socket file (nothing listening) is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from snapferry.engine.errors import SnapferryError, UsageError
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+MAX_UNIX_PATH = 107
+
+
+class ServeError(SnapferryError):
+    """The NBD server could not be started or died."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    repo: Path
+    backup_id: str
+    disk: str | None = None
+    socket: Path | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+    threads: int = 8
+    cache_bytes: int | None = None
+    readahead_bytes: int | None = None
+
+
+@dataclass
+class ExportInfo:
+    backup_id: str
+    vm: str
+    disk: str
+    size: int
+    uri: str
+    socket: str | None
+    port: int | None
+    pid: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id, "vm": self.vm, "disk": self.disk,
+            "size": self.size, "uri": self.uri, "socket": self.socket, "port": self.port,
+            "pid": self.pid, "read_only": True, **self.extra,
+        }
+
+
+def plugin_path() -> Path:
+    return Path(__file__).with_name("nbdkit_plugin.py")
+
+
+def site_dirs() -> list[str]:
+    """Directories nbdkit's embedded Python needs to import snapferry and its
+    dependencies: this interpreter's site-packages (with their .pth files)."""
+    out: list[str] = []
+    paths = sysconfig.get_paths()
+    for p in (paths.get("purelib"), paths.get("platlib"), *sys.path):
+        if p and p.rstrip("/").endswith(("site-packages", "dist-packages")) and p not in out \
+                and Path(p).is_dir():
+            out.append(p)
+    return out
+
+
+_nbdkit_python: str | None = None
+
+
+def nbdkit_python_version(nbdkit: str) -> str:
+    """The Python version nbdkit's python plugin embeds (``--dump-plugin``)."""
+    global _nbdkit_python
+    if _nbdkit_python is None:
+        r = subprocess.run([nbdkit, "python", "--dump-plugin"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UsageError(
+                "nbdkit's python plugin is not installed (apt-get install nbdkit-plugin-python)"
+            )
+        ver = ""
+        for line in r.stdout.splitlines():
+            if line.startswith("python_version="):
+                ver = line.split("=", 1)[1].strip()
+        _nbdkit_python = ver
+    return _nbdkit_python
+
+
+def check_tools() -> str:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    ver = nbdkit_python_version(nbdkit)
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if ver and ".".join(ver.split(".")[:2]) != mine:
+        raise UsageError(
+            f"nbdkit's python plugin embeds Python {ver} but snapferry runs under Python "
+            f"{mine}: its compiled dependencies cannot load there; install snapferry for "
+            f"Python {ver.rsplit('.', 1)[0]}"
+        )
+    return nbdkit
+
+
+def _connectable(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path that is in use; remove a stale socket file."""
+    if len(str(path)) > MAX_UNIX_PATH:
+        raise UsageError(f"socket path {path} is too long ({MAX_UNIX_PATH} bytes at most)")
+    if not path.parent.is_dir():
+        raise UsageError(f"directory {path.parent} does not exist")
+    if path.is_symlink() or path.exists():
+        import stat
+
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UsageError(f"socket path {path} exists and is not a socket")
+        if _connectable(path):
+            raise UsageError(f"socket path {path} is in use (a server answers on it)")
+        path.unlink()
+
+
+def check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise UsageError(f"port must be 1..65535, not {port}")
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+class NbdkitExport:
+    """One restore-point disk served read-only by nbdkit (the Python plugin)."""
+
+    def __init__(self, opts: ExportOptions, *, log: IO[str] | None = None) -> None:
+        if (opts.socket is None) == (opts.port is None):
+            raise UsageError("give exactly one of --socket PATH or --port N")
+        self.opts = opts
+        self._log = log if log is not None else sys.stderr
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lines: deque[str] = deque(maxlen=20)
+        self._ready = False
+        self._fwd: threading.Thread | None = None
+        from snapferry.engine.sources.restore_point import pick_disk_name
+        from snapferry.engine.store.repo import Repository
+
+        repo = Repository.open(opts.repo)
+        manifest = repo.load_manifest(opts.backup_id)
+        self.disk = pick_disk_name(list(manifest.disk_names), opts.backup_id, opts.disk)
+        index = repo.load_index(opts.backup_id, self.disk, manifest)
+        self.size = index.virtual_size
+        self.vm = manifest.vm
+        self.repo_path = repo.path.resolve()
+        self._repo = repo
+        self._locks = contextlib.ExitStack()
+        self._locked = False
+        self.nbdkit = check_tools()
+
+    # -- addresses ------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        if self.opts.socket is not None:
+            return f"nbd+unix:///?socket={self.opts.socket.resolve()}"
+        host = self.opts.host if ":" not in self.opts.host else f"[{self.opts.host}]"
+        return f"nbd://{host}:{self.opts.port}/"
+
+    def info(self) -> ExportInfo:
+        assert self.proc is not None
+        return ExportInfo(
+            backup_id=self.opts.backup_id, vm=self.vm, disk=self.disk, size=self.size,
+            uri=self.uri, socket=str(self.opts.socket.resolve()) if self.opts.socket else None,
+            port=self.opts.port, pid=self.proc.pid,
+        )
+
+    def command(self) -> list[str]:
+        o = self.opts
+        cmd = [self.nbdkit, "--foreground", "--readonly", "--exit-with-parent",
+               "--threads", str(o.threads)]
+        if o.socket is not None:
+            cmd += ["--unix", str(o.socket.resolve())]
+        else:
+            cmd += ["--ipaddr", o.host, "--port", str(o.port)]
+        cmd += ["python", f"script={plugin_path()}", f"sitedirs={':'.join(site_dirs())}",
+                f"repo={self.repo_path}", f"backup={o.backup_id}", f"disk={self.disk}"]
+        if o.cache_bytes is not None:
+            cmd.append(f"cache={o.cache_bytes}")
+        if o.readahead_bytes is not None:
+            cmd.append(f"readahead={o.readahead_bytes}")
+        return cmd
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self, timeout: float = READY_TIMEOUT) -> NbdkitExport:
+        o = self.opts
+        if o.socket is not None:
+            check_socket_path(o.socket.absolute())
+        else:
+            assert o.port is not None
+            check_port(o.host, o.port)
+        env = dict(os.environ)
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if not self._locked:
+            # the shared role, held while serving: a deleter (prune) cannot run meanwhile
+            self._locks.enter_context(self._repo.lock(f"serve {o.backup_id}"))
+            self._locked = True
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=env, start_new_session=True,
+        )
+        self._fwd = threading.Thread(target=self._forward, daemon=True, name="nbdkit-log")
+        self._fwd.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._fwd.join(2)
+                self._release()
+                raise ServeError(f"nbdkit exited at start: {self._why()}")
+            if self._answers():
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(f"nbdkit did not start listening within {timeout:.0f} s")
+            time.sleep(0.05)
+        self._ready = True
+        return self
+
+    def _answers(self) -> bool:
+        if self.opts.socket is not None:
+            return self.opts.socket.exists() and _connectable(self.opts.socket)
+        try:
+            with socket.create_connection((self.opts.host, int(self.opts.port or 0)), 1.0):
+                return True
+        except OSError:
+            return False
+
+    def _why(self) -> str:
+        lines = [ln for ln in self._lines if ln.strip()]
+        for ln in reversed(lines):
+            if ln.startswith("snapferry serve: "):
+                return ln.removeprefix("snapferry serve: ")
+        for ln in reversed(lines):
+            if "error" in ln.lower():
+                return ln.strip()
+        return lines[-1].strip() if lines else "no message"
+
+    def _forward(self) -> None:
+        """Copy nbdkit's stderr: our own one-line messages as they are; nbdkit's
+        Python tracebacks (printed after our line for the same failure) are dropped."""
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._lines.append(line)
+            if self._ready and line.startswith("snapferry serve: "):
+                with contextlib.suppress(OSError, ValueError):
+                    self._log.write(line + "\n")
+                    self._log.flush()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _release(self) -> None:
+        self._locks.close()
+        self._locked = False
+
+    def restart(self) -> None:
+        """Start nbdkit again on the same address (after it died), keeping the lock."""
+        self.stop(release=False)
+        self.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT, *, release: bool = True) -> None:
+        """SIGTERM nbdkit (it closes connections and exits), SIGKILL after ``timeout``;
+        then give up the repository lock (unless ``release`` is false)."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(5)
+        if self._fwd is not None:
+            self._fwd.join(2)
+        if p is not None and p.stderr is not None:
+            p.stderr.close()
+        if release:
+            self._release()
+        if self.opts.socket is not None:
+            with contextlib.suppress(OSError):
+                if not _connectable(self.opts.socket):
+                    self.opts.socket.unlink()
+
+    def __enter__(self) -> NbdkitExport:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
