@@ -278,7 +278,7 @@ def test_worker_killed_during_the_fallback_full_read_leaves_no_restore_point(
     srv = servers.qemu_nbd(img, fmt="qcow2", bitmap="b0", socket=srv.socket)
     # one worker; the first pass reads 4 dirty + ~153..310 audited chunks, the full read
     # the remaining ~200+: killed at chunk 350, inside the full read
-    env = cli_env(SNAPFERRY_TEST_KILL_WORKER_AFTER="350")
+    env = cli_env(SNAPFERRY_FAULT="worker-kill=350")
     p = run_cli("backup", srv.uri, "--repo", repo, "--name", "d", "--bitmap", "b0",
                 "--audit", "30", "--workers", "1", env=env)
     assert p.returncode != 0 and "Traceback" not in p.stderr

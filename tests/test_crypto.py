@@ -360,7 +360,7 @@ def test_killed_worker_leaves_no_restore_point(tmp_path: Path) -> None:
     make_image(img, 32 << 20)  # four 8 MiB work items: the kill lands in the second
     ok("init", repo, "--chunk-size", "64K", "--encryption", "repokey")
     p = run_cli("backup", img, "--repo", repo, "--workers", "2",
-                env=env(SNAPFERRY_TEST_KILL_WORKER_AFTER="20"))
+                env=env(SNAPFERRY_FAULT="worker-kill=20"))
     assert p.returncode != 0
     assert not (repo / "snapshots").exists() or not list((repo / "snapshots").iterdir())
     out = json.loads(ok("backup", img, "--repo", repo, "--name", VM_NAME, "--json"))

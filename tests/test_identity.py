@@ -38,8 +38,9 @@ def image(path: Path, size: int, byte: int) -> Path:
 
 
 def manifest(repo: Path, backup_id: str) -> dict[str, Any]:
-    (mp,) = (repo / "backups").glob(f"*/{backup_id}/manifest.json")
-    return dict(json.loads(mp.read_text()))
+    """The manifest as the repository stores it (format 2: ``snapshots/<backup id>``;
+    the tests' repositories are plaintext)."""
+    return dict(json.loads((repo / "snapshots" / backup_id).read_text()))
 
 
 def test_two_images_with_one_basename_are_two_series(repo: Path, tmp_path: Path) -> None:

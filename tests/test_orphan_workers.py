@@ -37,13 +37,14 @@ def test_orphaned_workers_exit_without_a_traceback(repo: Path, tmp_path: Path) -
                               "--workers", "2"], stdout=subprocess.DEVNULL, stderr=err,
                              start_new_session=True)
     workers: list[int] = []
-    chunks = repo / "chunks"
+    packs = repo / "data"
     end = time.monotonic() + 120
-    # mid-copy: workers running and some chunks already stored
+    # mid-copy: workers running and a first pack (or its temp file) already written
     while time.monotonic() < end and p.poll() is None:
         workers = [c for c in _children(p.pid) if "resource_tracker" not in
                    Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
-        if len(workers) >= 2 and chunks.exists() and sum(1 for _ in chunks.rglob("*")) > 20:
+        if len(workers) >= 2 and packs.exists() and any(
+                f.is_file() for f in packs.rglob("*")):
             break
         time.sleep(0.05)
     assert p.poll() is None, "the backup finished before it could be killed mid-copy"

@@ -60,22 +60,6 @@ def _valid_backup_id(s: str) -> bool:
     return bool(s) and s[0].isalnum() and set(s) <= _BACKUP_ID_CHARS and len(s) <= 100
 
 
-NAME_MAX_QUOTED = 200
-
-
-def path_component(name: str) -> str:
-    """Kept for callers of format 1 (names are no longer path components)."""
-    from urllib.parse import quote
-
-    if not name or name in (".", ".."):
-        raise UsageError(f"invalid name {name!r}")
-    q = quote(name, safe="-_.+@=,")
-    if len(q) > NAME_MAX_QUOTED:  # a file name holds 255 bytes; leave room for suffixes
-        raise UsageError(f"name too long: {len(name)} characters ({len(q)} bytes quoted; "
-                         f"at most {NAME_MAX_QUOTED})")
-    return "%2E" + q[1:] if q.startswith(".") else q
-
-
 @dataclass
 class ScanResult:
     manifests: list[Manifest] = field(default_factory=list)
