@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from snapferry.engine.errors import SnapferryError
+from snapferry.engine.procs import process_alive
 from snapferry.engine.qemu.agent import AgentError, GuestAgent
 from snapferry.engine.qemu.qmp import Qmp
 from snapferry.lab.initramfs import FAIL_FREEZE_FLAG, build_initramfs
@@ -72,27 +73,13 @@ def _dir(lab_dir: Path | str | None) -> Path:
     return Path(lab_dir) if lab_dir is not None else default_lab_dir()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child (e.g. of this very process) counts as gone.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def _read_pid(d: Path) -> int | None:
     try:
         pid = int((d / "qemu.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 def _make_disk(path: Path, size: str, label: str) -> None:
@@ -152,7 +139,7 @@ def _wait_agent(agent_socket: str, pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not process_alive(pid):
             raise LabError("the lab VM exited during boot (see console.log in the lab dir)")
         try:
             with GuestAgent(agent_socket, timeout=2.0) as ga:
@@ -240,13 +227,13 @@ def lab_up(lab_dir: Path | str | None = None, *, disks: int | None = None,
 
 def _stop(d: Path, pid: int, grace: float) -> None:
     deadline = time.monotonic() + grace
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _pid_alive(pid):
+    if process_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     (d / "qemu.pid").unlink(missing_ok=True)
 

@@ -52,6 +52,7 @@ from xml.sax.saxutils import quoteattr
 from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
 from snapferry.engine.libvirt.uri import LibvirtTarget
+from snapferry.engine.procs import process_alive
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.source import DiskSource
 
@@ -109,19 +110,6 @@ def _merge_ranges(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
             out.append((off, length))
     return out
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class LibvirtHypervisor:
@@ -255,7 +243,7 @@ class LibvirtHypervisor:
             )
         st = self._state()
         other = int(st.get("pid", 0))
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and process_alive(other):
             raise HypervisorError(
                 f"another snapferry backup of domain {self.target.domain} is running "
                 f"(pid {other})"
@@ -700,13 +688,13 @@ class LibvirtHypervisor:
 
     def _stop_qemu_nbd(self) -> None:
         for pid in self._state().get("qemu_nbd", []):
-            if _pid_alive(int(pid)):
+            if process_alive(int(pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGTERM)
                 deadline = time.monotonic() + 10
-                while _pid_alive(int(pid)) and time.monotonic() < deadline:
+                while process_alive(int(pid)) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if _pid_alive(int(pid)):
+                if process_alive(int(pid)):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
             with contextlib.suppress(ChildProcessError, OSError):

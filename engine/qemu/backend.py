@@ -42,6 +42,7 @@ from typing import Any
 
 from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
+from snapferry.engine.procs import process_start
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.qemu.agent import AgentError, AgentTimeout, GuestAgent
 from snapferry.engine.qemu.qmp import Event, Qmp, QmpCommandError, QmpConnectionError
@@ -96,16 +97,6 @@ def _disk_name(entry: dict[str, Any], node: str) -> str:
         return qdev.split("/")[3]
     return node
 
-
-def _proc_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if gone:
-    tells a live lock holder from a new process that reused its pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]
 
 
 def overlay_holds_data(path: Path) -> bool | None:
@@ -257,7 +248,7 @@ class QemuHypervisor:
             return True  # cannot tell from here: treat as held
         if h["pid"] == os.getpid():
             return h.get("token") in _LIVE_LOCKS
-        start = _proc_start(h["pid"])
+        start = process_start(h["pid"])
         return start is not None and start == h.get("start")
 
     def lock(self) -> None:
@@ -268,7 +259,7 @@ class QemuHypervisor:
         if self._lock_token is not None:
             return
         token = os.urandom(8).hex()
-        me = {"pid": os.getpid(), "start": _proc_start(os.getpid()),
+        me = {"pid": os.getpid(), "start": process_start(os.getpid()),
               "host": socket.gethostname(), "token": token, "tool": "snapferry"}
         for _ in range(3):
             try:

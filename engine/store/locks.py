@@ -16,10 +16,10 @@ import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from snapferry.engine.errors import RepositoryError
+from snapferry.engine.procs import process_alive, process_start
 from snapferry.engine.store.backend import Backend, ObjectMissing
 
 Role = Literal["shared", "exclusive"]
@@ -27,26 +27,6 @@ OTHER_HOST_STALE_S = 24 * 3600
 UNREADABLE_GRACE_S = 30
 
 
-def _pid_start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()  # process table, not repository data
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _pid_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start is not None:
-        now = _pid_start_time(pid)
-        if now is not None and now != start:
-            return False  # pid reused by another process
-    return True
 
 
 def _since_s(since: Any) -> float | None:
@@ -65,7 +45,7 @@ def is_stale(held: dict[str, Any], size: int) -> bool:
         return False  # unreadable: decided by the caller with the grace time
     pid = held.get("pid")
     if held.get("host") == socket.gethostname():
-        return isinstance(pid, int) and not _pid_alive(pid, held.get("pid_start"))
+        return isinstance(pid, int) and not process_alive(pid, held.get("pid_start"))
     age = _since_s(held.get("since"))
     return age is not None and age > OTHER_HOST_STALE_S
 
@@ -88,7 +68,7 @@ def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str
     me = {
         "role": role,
         "pid": os.getpid(),
-        "pid_start": _pid_start_time(os.getpid()),
+        "pid_start": process_start(os.getpid()),
         "host": socket.gethostname(),
         "purpose": purpose,
         "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
+from snapferry.engine.procs import process_alive
 from snapferry.engine.store import locks
 from snapferry.engine.store.backend import Backend, ObjectMissing
 from snapferry.engine.store.blobs import ENTRY_DTYPE, ENTRY_SIZE, check_blob
@@ -572,21 +573,6 @@ def _pid_of_temp(name: str) -> int | None:
     return None
 
 
-def _process_alive(pid: int) -> bool:
-    """A process of this host with this pid runs (a zombie does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:  # process table, not repository data
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
 
 def _remove_leftovers(backend: Backend, report: PruneReport) -> None:
     """Temp files of dead processes (never of a live one, never in ``locks/``)."""
@@ -594,7 +580,7 @@ def _remove_leftovers(backend: Backend, report: PruneReport) -> None:
         if info.kind == "locks":
             continue
         pid = _pid_of_temp(info.name)
-        if pid is not None and pid != os.getpid() and _process_alive(pid):
+        if pid is not None and pid != os.getpid() and process_alive(pid):
             continue  # that process lives: maybe still writing
         with contextlib.suppress(RepositoryError, OSError):
             backend.remove_leftover(info)
