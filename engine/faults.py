@@ -21,6 +21,8 @@ Points and their actions:
 ``worker-kill=N``            a reader worker SIGKILLs itself before its read after N chunks
 ``worker-stall=N@PATH``      a reader worker appends its pid to PATH and sleeps forever
                              after N chunks (to deliver Ctrl-C / SIGKILL mid-copy)
+``prune-kill=STEP[:N]``      prune SIGKILLs itself the N-th time (default 1) it reaches
+                             ``STEP`` (one of ``engine.store.prune.STEPS``)
 ==========================  ===============================================================
 
 An unknown point or action is an error (a typo must not make a fault test pass
@@ -38,7 +40,7 @@ from snapferry.engine.errors import HypervisorError
 
 FAULT_ENV = "SNAPFERRY_FAULT"
 PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "merge")
-POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall")
+POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill")
 PHASE_ACTIONS = ("sigint", "sigterm", "sigkill", "raise")
 
 
@@ -117,3 +119,14 @@ def worker_faults() -> WorkerFaults:
     return WorkerFaults(kill_after=int(kill) if kill else None,
                         stall_after=int(stall) if stall else None,
                         stall_file=path or None)
+
+
+def prune_kill() -> tuple[str, int] | None:
+    """``(STEP, N)`` when ``prune-kill`` is set, else None."""
+    if FAULT_ENV not in os.environ:
+        return None
+    value = _active().get("prune-kill")
+    if not value:
+        return None
+    step, _, n = value.partition(":")
+    return step, int(n) if n.isdigit() else 1

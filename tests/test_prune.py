@@ -179,9 +179,9 @@ def test_concurrent_backups_and_prunes_never_lose_a_committed_point(tmp_path: Pa
 
 def _run_prune(repo: Path, kill: str | None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
-    env.pop("SNAPFERRY_PRUNE_KILL_AT", None)
+    env.pop("SNAPFERRY_FAULT", None)
     if kill:
-        env["SNAPFERRY_PRUNE_KILL_AT"] = kill
+        env["SNAPFERRY_FAULT"] = f"prune-kill={kill}"
     return subprocess.run(
         [sys.executable, "-m", "snapferry", "forget", "--keep-last", "3", "--prune",
          "--max-unused", "0", "--repo", str(repo)],

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from snapferry.engine import faults
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
 from snapferry.engine.procs import process_alive
 from snapferry.engine.store import locks
@@ -56,9 +57,6 @@ DEFAULT_MAX_UNUSED = 5.0
 """Percent of a pack that may be unused before prune repacks it (restic's default)."""
 INDEX_FILE_ENTRIES = 1 << 17
 """Entries per index file prune writes (9 MiB files)."""
-KILL_ENV = "SNAPFERRY_PRUNE_KILL_AT"
-"""Test hook: ``STEP`` or ``STEP:N`` makes prune SIGKILL itself at that step (the N-th
-time it is reached, default 1). Steps: ``STEPS``."""
 TRACE_ENV = "SNAPFERRY_PRUNE_TRACE"
 """Measurement hook: non-empty prints the peak RSS at each step on stderr."""
 STEPS = ("locked", "marked", "repack", "repacked", "indexed", "unindex", "unindexed",
@@ -82,15 +80,16 @@ def peak_rss_mib() -> float:
 
 
 class _Faults:
+    """The test fault point ``prune-kill=STEP[:N]`` (engine/faults.py) and the
+    measurement trace."""
+
     def __init__(self) -> None:
-        spec = os.environ.get(KILL_ENV, "")
-        step, _, n = spec.partition(":")
-        self.step = step
-        self.left = int(n) if n.isdigit() else 1
+        kill = faults.prune_kill()
+        self.step, self.left = kill if kill is not None else ("", 0)
         self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
         self.last_traced = ""
-        if step and step not in STEPS:
-            raise RepositoryError(f"{KILL_ENV}={spec}: unknown step (steps: {', '.join(STEPS)})")
+        if self.step and self.step not in STEPS:
+            raise ValueError(f"prune-kill={self.step}: unknown step (steps: {', '.join(STEPS)})")
 
     def at(self, step: str) -> None:
         if self.trace and step != self.last_traced:
