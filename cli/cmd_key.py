@@ -57,11 +57,11 @@ def verify_with_key(args: argparse.Namespace, repo_path: str) -> int:
     import json
 
     from snapferry.engine.store import keys
-    from snapferry.engine.store.backends.local import LocalBackend
     from snapferry.engine.store.crypto import check_ciphertext
+    from snapferry.engine.store.repo import backend_at
 
     vk = keys.load_verification(args.verify_key_file)
-    backend = LocalBackend(repo_path)
+    backend = backend_at(repo_path)
     try:
         config = json.loads(backend.load("config", "config"))
     except (RepositoryError, ValueError):
@@ -179,14 +179,13 @@ def cmd_key(args: argparse.Namespace) -> int:
     import json
 
     from snapferry.engine.store import keys
-    from snapferry.engine.store.backends.local import LocalBackend
     from snapferry.engine.store.crypto import Sealer
-    from snapferry.engine.store.repo import Repository
+    from snapferry.engine.store.repo import Repository, backend_at
 
     path = _repo_path(args)
     action = args.key_command
     if action == "import":
-        backend = LocalBackend(path)
+        backend = backend_at(path)
         config = json.loads(backend.load("config", "config"))
         with open(args.file, encoding="utf-8") as f:
             master = keys.import_master(f.read(), str(config.get("id")))

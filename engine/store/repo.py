@@ -60,6 +60,13 @@ def _valid_backup_id(s: str) -> bool:
     return bool(s) and s[0].isalnum() and set(s) <= _BACKUP_ID_CHARS and len(s) <= 100
 
 
+def backend_at(path: Path | str) -> Backend:
+    """The backend of an existing repository location: an ``s3://`` URL or a directory."""
+    if is_s3_url(str(path)):
+        return open_s3(str(path))
+    return LocalBackend(str(path))
+
+
 @dataclass
 class ScanResult:
     manifests: list[Manifest] = field(default_factory=list)
@@ -166,9 +173,7 @@ class Repository:
 
     @classmethod
     def open(cls, path: Path | str, passphrase: str | None = None) -> Repository:
-        if is_s3_url(str(path)):
-            return cls.open_backend(open_s3(str(path)), passphrase)
-        return cls.open_backend(LocalBackend(str(path)), passphrase)
+        return cls.open_backend(backend_at(path), passphrase)
 
     @classmethod
     def open_backend(cls, backend: Backend, passphrase: str | None = None) -> Repository:
