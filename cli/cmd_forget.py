@@ -67,13 +67,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     print(f"policy: {res.policy}")
-    print(f"{'BACKUP_ID':26} {'VM':16} {'CREATED':20} {'ACTION':7} REASONS")
+    w = max([4, *(len(d.point.group) for d in res.decisions)])  # whole names, aligned
+    print(f"{'BACKUP_ID':26} {'NAME':{w}}  {'CREATED (UTC)':20} {'ACTION':7} REASONS")
     for d in res.decisions:
-        print(f"{d.point.backup_id:26} {d.point.group[:16]:16} "
+        print(f"{d.point.backup_id:26} {d.point.group:{w}}  "
               f"{d.point.created.strftime('%Y-%m-%d %H:%M:%S'):20} "
               f"{'keep' if d.keep else 'remove':7} {', '.join(d.reasons) or '-'}")
     for name, why, rm in res.damaged:
-        print(f"{name:26} {'?':16} {'?':20} {'remove' if rm else 'keep':7} damaged: {why}")
+        print(f"{name:26} {'?':{w}}  {'?':20} {'remove' if rm else 'keep':7} damaged: {why}")
     n = sum(not d.keep for d in res.decisions) + sum(rm for _n, _w, rm in res.damaged)
     print(f"{verb} {n} restore point(s), kept {len(res.kept)}")
     if res.prune is not None:
