@@ -149,7 +149,8 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     g = p.add_argument_group("global options") if not top else p
     if "--repo" not in have:
         g.add_argument("--repo", dest=pre + "repo", metavar="REPO", default=None,
-                       help=f"the repository: a directory or s3://BUCKET/PREFIX (default: ${REPO_ENV})")
+                       help="the repository: a directory or s3://BUCKET/PREFIX "
+                            f"(default: ${REPO_ENV})")
     if "--json" not in have:
         g.add_argument("--json", dest=pre + "json", action="store_true",
                        help="print one JSON object on stdout (docs/JSON.md), no progress")
