@@ -245,7 +245,8 @@ def review_disks(
 
 def _disk_says(name: str, text: str) -> str:
     prefix = f"disk {name}: "
-    return text if text.startswith(prefix) else prefix + text
+    said = text.startswith(prefix) or text.startswith(f"disk {name} ")  # "disk X is raw: ..."
+    return text if said else prefix + text
 
 
 def parent_disks(parent: Manifest | None) -> dict[str, ParentDisk]:

@@ -56,6 +56,8 @@ OVERLAY_SUFFIX = ".sf-overlay.qcow2"
 LOCK_ID = "sf-lock"  # an authz-simple object in QEMU: the per-VM backup lock
 FREEZE_LIMIT = 10.0  # seconds a guest may stay frozen before the watchdog thaws it
 WATCHDOG_LOG = "thaw-watchdog.log"
+RAW_FULL_REASON = ("disk {name} is raw: full backups only (incrementals need a qcow2 image "
+                   "with a persistent dirty bitmap)")
 
 # lock tokens of live QemuHypervisor objects of this process (a lock held under our own
 # pid by an object that is gone is stale; one held by a live object is not)
@@ -79,6 +81,7 @@ class _Disk:
     node: str  # base (format) node name
     file: str  # base image filename
     size: int
+    raw: bool = False  # a raw image: no persistent dirty bitmap, so full backups only
     # per-round state
     overlay_node: str | None = None
     overlay_file: Path | None = None
@@ -347,10 +350,10 @@ class QemuHypervisor:
                     f"{image['backing-image'].get('filename')}): snapferry needs the VM on "
                     "its base image; commit or remove that snapshot first"
                 )
-            if ins.get("drv") != "qcow2":
+            if ins.get("drv") not in ("qcow2", "raw"):
                 raise HypervisorError(
-                    f"disk {name} is {ins.get('drv')}, not qcow2: persistent changed-block "
-                    "tracking needs qcow2 images"
+                    f"disk {name} is {ins.get('drv')}: snapferry backs up qcow2 images "
+                    "(full and incremental) and raw ones (full only)"
                 )
             if ins.get("ro"):
                 raise HypervisorError(f"disk {name} is attached read-only")
@@ -362,9 +365,10 @@ class QemuHypervisor:
                     )
             disks.append(_Disk(name=name, index=len(disks), node=node,
                                file=str(ins.get("file") or image.get("filename")),
-                               size=int(image.get("virtual-size", 0))))
+                               size=int(image.get("virtual-size", 0)),
+                               raw=ins.get("drv") == "raw"))
         if not disks:
-            raise HypervisorError("the VM has no qcow2 disk to back up")
+            raise HypervisorError("the VM has no disk to back up")
         self._disks = disks
         vm_name = self.name or self._qmp.cmd("query-name").get("name") \
             or Path(self.qmp_socket).parent.name
@@ -504,6 +508,10 @@ class QemuHypervisor:
         d.full_reason = None
         pb = parent.tracking.get("bitmap") if parent is not None else None
         d.parent_bitmap = pb if pb in bitmaps else None
+        if d.raw:
+            d.parent_bitmap = None
+            d.full_reason = RAW_FULL_REASON.format(name=d.name)
+            return
         if mode == "full":
             return
         why: str | None = None
@@ -537,13 +545,15 @@ class QemuHypervisor:
             bitmaps = {b["name"]: b for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
                        if "name" in b}  # a block job's own bitmaps are anonymous
             self._plan_disk(d, mode, parents.get(d.name), bitmaps)
-            if d.full_reason:
-                self.progress.note(d.full_reason)
-            d.new_bitmap = BITMAP_PREFIX + stamp
+            if d.full_reason and not parents:  # with a parent, the coordinator warns
+                self.progress.note(f"warning: {d.full_reason}")
+            d.new_bitmap = None if d.raw else BITMAP_PREFIX + stamp
             d.overlay_node = f"{OVERLAY_NODE_PREFIX}{d.index}"
             d.overlay_file = self.work_dir / f"{d.name}-{stamp}{OVERLAY_SUFFIX}"
-            actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": d.node, "name": d.new_bitmap, "persistent": True}})
+            if d.new_bitmap is not None:  # a raw disk has no bitmap: full backups only
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": d.node, "name": d.new_bitmap,
+                                         "persistent": True}})
             if d.incremental:
                 actions.append({"type": "block-dirty-bitmap-disable",
                                 "data": {"node": d.node, "name": d.parent_bitmap}})

@@ -131,11 +131,13 @@ class QemuFleecingHypervisor(QemuHypervisor):
             bitmaps = {b["name"]: b for b in nodes.get(d.node, {}).get("dirty-bitmaps", [])
                        if "name" in b}
             self._plan_disk(d, mode, parents.get(d.name), bitmaps)
-            if d.full_reason:
-                self.progress.note(d.full_reason)
-            d.new_bitmap = BITMAP_PREFIX + stamp
-            actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": d.node, "name": d.new_bitmap, "persistent": True}})
+            if d.full_reason and not parents:  # with a parent, the coordinator warns
+                self.progress.note(f"warning: {d.full_reason}")
+            d.new_bitmap = None if d.raw else BITMAP_PREFIX + stamp
+            if d.new_bitmap is not None:  # a raw disk has no bitmap: full backups only
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": d.node, "name": d.new_bitmap,
+                                         "persistent": True}})
             if d.incremental:
                 actions.append({"type": "block-dirty-bitmap-disable",
                                 "data": {"node": d.node, "name": d.parent_bitmap}})
