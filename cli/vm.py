@@ -55,6 +55,7 @@ def backup_vm(args: argparse.Namespace) -> int:
                 parent=args.parent,
                 progress=progress,
                 audit=getattr(args, "audit", 0.0),
+                name=args.name,
             ),
         )
     finally:
@@ -65,9 +66,10 @@ def backup_vm(args: argparse.Namespace) -> int:
         return 0
     b = result.backup
     freeze = f", freeze {result.freeze_ms:.0f} ms" if result.freeze_ms is not None else ""
+    total = result.phase_seconds.get("total", b.seconds)  # the whole command, as in --json
     print(
         f"{b.mode} backup {b.backup_id} of {b.vm}: {result.consistency}-consistent"
-        f"{freeze}, {b.seconds:.1f} s"
+        f"{freeze}, {total:.1f} s"
     )
     for d in b.disks:
         print(

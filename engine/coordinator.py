@@ -49,6 +49,7 @@ class VmBackupOptions:
     parent: str | None = None
     progress: Progress = field(default_factory=NullProgress)
     audit: float = 0.0  # CBT audit: percent of clean chunks re-read (the CLI's default: 1)
+    name: str | None = None  # the restore-point series; default: the VM's name
 
 
 @dataclass
@@ -133,8 +134,9 @@ def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmB
 
     info = hv.inspect()
     identity = vm_identity(info.meta, info.name)
+    series = options.name or info.name
     # refuses --mode incremental without a usable parent before the guest is frozen
-    choice = choose_parent(repo, SeriesRequest(info.name, identity, options.mode,
+    choice = choose_parent(repo, SeriesRequest(series, identity, options.mode,
                                                options.parent))
     for w in choice.warnings:
         warn(w)
@@ -149,7 +151,7 @@ def backup_vm(hv: Hypervisor, repo: Repository, options: VmBackupOptions) -> VmB
         attempts += 1
         try:
             return _one_attempt(
-                hv, repo, options, info.name, parent, parents, want_quiesce, attempts, warn,
+                hv, repo, options, series, parent, parents, want_quiesce, attempts, warn,
                 warnings, identity,
             )
         except QuiesceError as e:

@@ -79,6 +79,16 @@ def test_backup_json_modes(lab_vm: LabVm, tmp_path: Path,
     assert count_backups(repo) == 3
     assert_vm_clean(lab_vm, work)
 
+    # --name files a VM's restore points under another series (it was ignored for VMs):
+    # a new series, so a full backup; the VM's own series is untouched
+    named = backup_json([lab_vm.uri, "--repo", r, "--name", "web-tier/vm1"])
+    assert named["vm"] == "web-tier/vm1" and named["mode"] == "full"
+    assert named["parent"] is None
+    again = backup_json([lab_vm.uri, "--repo", r, "--name", "web-tier/vm1"])
+    assert again["mode"] == "incremental" and again["parent"] == named["backup_id"]
+    assert {m.vm for m in repo.list_backups()} == {full["vm"], "web-tier/vm1"}
+    assert_vm_clean(lab_vm, work)
+
 
 @pytest.mark.parametrize(
     "source, needle",
