@@ -31,6 +31,7 @@ import multiprocessing as mp
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -369,6 +370,31 @@ def _main_hidden() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
+@contextlib.contextmanager
+def _ignoring_stop_signals() -> Iterator[None]:
+    """SIGINT/SIGTERM ignored while a worker is started, so that it starts with both
+    ignored and a Ctrl-C to the process group during its start-up (imports, unpickling:
+    up to a second under load) cannot print a KeyboardInterrupt traceback from
+    ``spawn_main``. An ignored disposition survives the exec; a blocked signal mask
+    does not (multiprocessing's spawn clears it). The parent ignores them only for the
+    fork + exec of one ``Process.start`` (milliseconds). Off the main thread, where
+    handlers cannot be changed, the signals are blocked instead (best effort)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return
+    old = [signal.signal(s, signal.SIG_IGN) for s in sigs]
+    try:
+        yield
+    finally:
+        for s, h in zip(sigs, old, strict=True):
+            signal.signal(s, h)
+
+
 _LIVE: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
 
 
@@ -419,18 +445,12 @@ class ReaderPool:
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         ctx = mp.get_context("spawn")
-        sigs = {signal.SIGINT, signal.SIGTERM}
-        # Block SIGINT/SIGTERM while spawning: children inherit the mask, so a Ctrl-C
-        # during their start-up cannot print a traceback; they ignore both, then unblock.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
             with _main_hidden():
                 self._spawn(ctx)
         except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             self.terminate()
             raise
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         # Workers ignore SIGTERM, so multiprocessing's own exit handler (terminate +
         # join of daemon children) would wait for ever if a caller never closed the
         # pool: kill them at interpreter exit (atexit runs this before that handler).
@@ -445,7 +465,8 @@ class ReaderPool:
                 name=f"snapferry-reader-{no}",
                 daemon=True,
             )
-            proc.start()
+            with _ignoring_stop_signals():
+                proc.start()
             child_conn.close()
             self.slots.append(_Slot(no, proc, parent_conn))
 
