@@ -180,12 +180,12 @@ class NbdkitExport:
         self._lines: deque[str] = deque(maxlen=20)
         self._ready = False
         self._fwd: threading.Thread | None = None
-        from snapferry.engine.sources.restore_point import pick_disk_name
+        from snapferry.engine.restore import pick_disk
         from snapferry.engine.store.repo import Repository
 
         repo = Repository.open(opts.repo)
         manifest = repo.load_manifest(opts.backup_id)
-        self.disk = pick_disk_name(list(manifest.disk_names), opts.backup_id, opts.disk)
+        self.disk = pick_disk(manifest, opts.disk)
         index = repo.load_index(opts.backup_id, self.disk, manifest)
         self.size = index.virtual_size
         self.vm = manifest.vm

@@ -77,26 +77,6 @@ class RestorePointSpec:
         return RestorePointSource.open(self.repo, self.backup_id, self.disk)
 
 
-def pick_disk_name(names: list[str], backup_id: str, disk: str | None) -> str:
-    """``disk``, or the only disk of the restore point (``UsageError`` otherwise)."""
-    from snapferry.engine.errors import UsageError
-
-    if disk is not None:
-        if disk not in names:
-            raise UsageError(
-                f"restore point {backup_id} has no disk {disk!r} "
-                f"(disks: {', '.join(names) or 'none'})"
-            )
-        return disk
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise UsageError(f"restore point {backup_id} holds no disks")
-    raise UsageError(
-        f"restore point {backup_id} holds {len(names)} disks; choose one with --disk "
-        f"({', '.join(names)})"
-    )
-
 
 _Page = tuple[np.ndarray, np.ndarray]  # (ids (n, 16) uint8, nonzero mask (n,) bool)
 
@@ -154,12 +134,13 @@ class RestorePointSource:
         """Open disk ``disk`` (or the only disk) of restore point ``backup_id`` in
         ``repo`` (a ``Repository`` or its path). One ``ChunkReader`` (the repository's
         chunk index) serves both the index pages and the data."""
+        from snapferry.engine.restore import pick_disk
         from snapferry.engine.store.repo import Repository
 
         if not isinstance(repo, Repository):
             repo = Repository.open(repo)
         manifest = repo.load_manifest(backup_id)
-        name = pick_disk_name(list(manifest.disk_names), backup_id, disk)
+        name = pick_disk(manifest, disk)
         reader = repo.reader()
         index = repo.load_index(backup_id, name, manifest, reader=reader)
         spec = RestorePointSpec(str(repo.path), backup_id, name)
