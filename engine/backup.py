@@ -269,6 +269,7 @@ class BackupSession:
             store=self.repo.writer_spec(),
             chunk_size=cs,
             item_bytes=max(cs, self.options.item_bytes),
+            verify_saved=self.options.verify == "full",
         )
         cpus = len(os.sched_getaffinity(0)) or 1
         # more readers than 4 per CPU only cost memory and connections: cap the request

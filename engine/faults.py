@@ -21,6 +21,9 @@ Points and their actions:
 ``worker-kill=N``            a reader worker SIGKILLs itself before its read after N chunks
 ``worker-stall=N@PATH``      a reader worker appends its pid to PATH and sleeps forever
                              after N chunks (to deliver Ctrl-C / SIGKILL mid-copy)
+``pack-rot=N``                the N-th pack (from 1) a reader worker saves gets one byte
+                             flipped right after its save, before the worker reads it
+                             back (storage that does not return what was written)
 ``prune-kill=STEP[:N]``      prune SIGKILLs itself the N-th time (default 1) it reaches
                              ``STEP`` (one of ``engine.store.prune.STEPS``)
 ==========================  ===============================================================
@@ -35,12 +38,14 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from snapferry.engine.errors import HypervisorError
 
 FAULT_ENV = "SNAPFERRY_FAULT"
 PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "merge")
-POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill")
+POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill",
+          "pack-rot")
 PHASE_ACTIONS = ("sigint", "sigterm", "sigkill", "raise")
 
 
@@ -119,6 +124,28 @@ def worker_faults() -> WorkerFaults:
     return WorkerFaults(kill_after=int(kill) if kill else None,
                         stall_after=int(stall) if stall else None,
                         stall_file=path or None)
+
+
+class _Objects(Protocol):
+    def save(self, kind: str, name: str, data: bytes, *, if_absent: bool = True) -> bool: ...
+
+
+_packs_saved = [0]
+
+
+def pack_saved(backend: _Objects, name: str, data: bytes | bytearray) -> None:
+    """``pack-rot=N``: the N-th pack this process saved (``data``) is replaced by a copy
+    with the byte in its middle flipped."""
+    if FAULT_ENV not in os.environ:
+        return
+    want = _active().get("pack-rot")
+    if not want:
+        return
+    _packs_saved[0] += 1
+    if _packs_saved[0] == int(want):
+        raw = bytearray(data)
+        raw[len(raw) // 2] ^= 0x01
+        backend.save("data", name, bytes(raw), if_absent=False)
 
 
 def prune_kill() -> tuple[str, int] | None:

@@ -15,7 +15,14 @@ back. Messages are typed dataclasses (``Tagged(tag, Copy|Flush|VerifyPacks)``,
 ``AddDisk``, ``Stop``; replies ``Ok``, ``Failed``, ``Bug``, ``Bye``).
 
 The same workers do the pre-commit verification (read-back of every pack this backup
-wrote: trailer, CRC, zstd, id, BLAKE3).
+wrote: trailer, CRC, zstd, id, BLAKE3); with ``PoolConfig.verify_saved`` each worker
+does it for its own packs right after saving them, and those are not read again.
+
+Inside a worker three things overlap (``_ReadAhead``, ``PackSaver``): a thread reads
+the item's next segments (1 MiB, three buffers ahead) while the worker's thread
+hashes, checks and compresses the current one, and another thread saves (fsync) and
+reads back the pack filled before (at most one pack saving while the next fills). The
+read-ahead is used for every source but VDDK's, whose handles keep to their thread.
 
 Signals: workers ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group); the
 parent decides and kills them. A worker that dies is reported as one ``SnapferryError``.
@@ -28,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing as mp
+import queue
 import resource
 import signal
 import sys
@@ -47,13 +55,15 @@ import numpy as np
 from snapferry.engine.errors import CorruptionError, SnapferryError
 from snapferry.engine.faults import worker_faults
 from snapferry.engine.source import DiskSource, SourceSpec
-from snapferry.engine.store.chunks import ChunkWriter, ChunkWriterSpec, verify_pack
+from snapferry.engine.store.chunks import ChunkWriter, ChunkWriterSpec, verify_written_pack
 from snapferry.engine.store.hashing import ID_SIZE, NULL_ID, chunk_id, is_zero
 from snapferry.engine.store.pack import WrittenObjects
 
 DEFAULT_ITEM_BYTES = 8 << 20
 WINDOW = 2  # work items in flight per worker (one being processed, one queued)
 VERIFY_ITEM_CHUNKS = 64
+SEGMENT_BYTES = 1 << 20  # the read-ahead thread reads an item in segments of this size
+SEGMENT_BUFFERS = 3  # segments read or being read ahead of the one being processed
 
 Run = tuple[int, int]  # (first chunk index, number of chunks)
 
@@ -63,6 +73,13 @@ class PoolConfig:
     store: ChunkWriterSpec
     chunk_size: int
     item_bytes: int = DEFAULT_ITEM_BYTES
+    # each worker reads back and checks every pack it saved, right after saving it (the
+    # pre-commit verify then skips those packs: ``ReaderPool.run``)
+    verify_saved: bool = False
+
+    @property
+    def segment_chunks(self) -> int:
+        return max(1, min(self.item_chunks, SEGMENT_BYTES // self.chunk_size))
 
     @property
     def seed(self) -> int:
@@ -151,6 +168,9 @@ class Ok:
 class Failed:
     tag: int
     error: SnapferryError
+    # saved by the worker since its last reply (its pack saver runs ahead): the parent
+    # removes these before raising, as an abort removes what was reported
+    written: WrittenObjects | None = None
 
 
 @dataclass(frozen=True)
@@ -190,15 +210,101 @@ class PoolStats:
 # ---------------------------------------------------------------------------------------
 
 
+Piece = tuple[int, int, int]  # (first chunk, chunks, position in the segment's buffer)
+
+
+def _segments(runs: list[Run], per: int) -> list[list[Piece]]:
+    """Cut an item's runs into segments of at most ``per`` chunks; short runs are
+    gathered into one segment (read one after the other into one buffer)."""
+    out: list[list[Piece]] = []
+    cur: list[Piece] = []
+    room = per
+    for first, count in runs:
+        while count > 0:
+            take = min(count, room)
+            cur.append((first, take, per - room))
+            first += take
+            count -= take
+            room -= take
+            if room == 0:
+                out.append(cur)
+                cur, room = [], per
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _threaded_reads(src: DiskSource) -> bool:
+    """May this source be read from a thread other than the one that opened it? Not
+    VDDK's (its handles keep to their thread); file, qemu-nbd and libnbd sources may."""
+    return type(src).__name__ != "VddkSource"
+
+
+class _ReadAhead:
+    """Reads one work item's segments in a thread, ``SEGMENT_BUFFERS`` ahead of the
+    hashing and compression (NBD round trips and the server's work overlap with ours).
+    ``next()`` gives the segments in order; ``stop()`` ends the thread (always called)."""
+
+    def __init__(self, src: DiskSource, cs: int, size: int, segs: list[list[Piece]],
+                 bufs: list[memoryview]) -> None:
+        self._src, self._cs, self._size, self._segs = src, cs, size, segs
+        self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        for b in bufs:
+            self._free.put(b)
+        self._ready: queue.SimpleQueue[tuple[memoryview | None, BaseException | None]] = (
+            queue.SimpleQueue()
+        )
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapferry-read-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for seg in self._segs:
+                buf = self._free.get()
+                if buf is None or self._cancel.is_set():
+                    return
+                _read_segment(self._src, self._cs, self._size, seg, buf)
+                self._ready.put((buf, None))
+        except BaseException as e:  # handed to the worker's thread by next()
+            self._ready.put((None, e))
+
+    def next(self) -> memoryview:
+        buf, err = self._ready.get()
+        if err is not None:
+            raise err
+        assert buf is not None
+        return buf
+
+    def release(self, buf: memoryview) -> None:
+        self._free.put(buf)
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._free.put(None)
+        self._thread.join()
+
+
+def _read_segment(src: DiskSource, cs: int, size: int, seg: list[Piece],
+                  buf: memoryview) -> None:
+    for first, take, pos in seg:
+        off = first * cs
+        length = min(take * cs, size - off)
+        if length <= 0:
+            raise SnapferryError(f"chunk {first} lies beyond the end of the disk")
+        src.readinto(buf[pos * cs : pos * cs + length], off)
+
+
 class _Worker:
     def __init__(self, cfg: PoolConfig, worker_no: int) -> None:
         self.cfg = cfg
         self.no = worker_no
-        self.writer = ChunkWriter(cfg.store)
+        self.writer = ChunkWriter(cfg.store, background=True, verify_saved=cfg.verify_saved)
         self.specs: dict[int, tuple[SourceSpec, int]] = {}
         self.sources: dict[int, DiskSource] = {}
-        self.buf = bytearray(max(cfg.item_bytes, cfg.chunk_size))
-        self.mv = memoryview(self.buf)
+        seg_bytes = cfg.segment_chunks * cfg.chunk_size
+        self.bufs = [memoryview(bytearray(seg_bytes)) for _ in range(SEGMENT_BUFFERS)]
         self.done_chunks = 0
         self.faults = worker_faults()
 
@@ -230,41 +336,49 @@ class _Worker:
         stored = np.zeros(n, dtype=np.int64)
         bytes_read = 0
         k = 0
-        bufchunks = len(self.buf) // cs
         store, digest = self.writer.store, self.writer.digest
         seed = self.cfg.seed
-        mv = self.mv
         hooks = self.faults.any
         for first, count in item.runs:
-            c = first
-            end_chunk = first + count
-            while c < end_chunk:
-                take = min(bufchunks, end_chunk - c)
-                off = c * cs
-                length = min(take * cs, size - off)
-                if length <= 0:
-                    raise SnapferryError(f"chunk {c} lies beyond the end of disk {item.disk}")
+            if (first + count - 1) * cs >= size or first < 0:
+                raise SnapferryError(
+                    f"chunk {first + count - 1} lies beyond the end of disk {item.disk}")
+        segs = _segments(item.runs, self.cfg.segment_chunks)
+        ahead = _ReadAhead(src, cs, size, segs, self.bufs) if _threaded_reads(src) else None
+        try:
+            for seg in segs:
                 if hooks:
                     self.faults.check(self.done_chunks)
-                src.readinto(mv[:length], off)
-                bytes_read += length
-                chunks[k : k + take] = np.arange(c, c + take, dtype=np.int64)
-                for j in range(take):
-                    a = j * cs
-                    b = min(a + cs, length)
-                    data = mv[a:b]
-                    if not is_zero(data):
-                        cid = chunk_id(seed, data)
-                        # A dedup hit must be an undamaged copy of the same data (the
-                        # BLAKE3 recorded in the index); other data under the id raises.
-                        got = store(cid, data, digest(data))
-                        if got.new:
-                            new[k] = True
-                            stored[k] = got.stored
-                        idbuf[k * ID_SIZE : (k + 1) * ID_SIZE] = cid
-                    k += 1
-                self.done_chunks += take
-                c += take
+                if ahead is not None:
+                    mv = ahead.next()
+                else:
+                    mv = self.bufs[0]
+                    _read_segment(src, cs, size, seg, mv)
+                for c0, take, pos in seg:
+                    length = min(take * cs, size - c0 * cs)
+                    bytes_read += length
+                    chunks[k : k + take] = np.arange(c0, c0 + take, dtype=np.int64)
+                    base = pos * cs
+                    for j in range(take):
+                        a = base + j * cs
+                        b = min(a + cs, base + length)
+                        data = mv[a:b]
+                        if not is_zero(data):
+                            cid = chunk_id(seed, data)
+                            # A dedup hit must be an undamaged copy of the same data (the
+                            # BLAKE3 recorded in the index); other data under the id raises.
+                            got = store(cid, data, digest(data))
+                            if got.new:
+                                new[k] = True
+                                stored[k] = got.stored
+                            idbuf[k * ID_SIZE : (k + 1) * ID_SIZE] = cid
+                        k += 1
+                    self.done_chunks += take
+                if ahead is not None:
+                    ahead.release(mv)
+        finally:
+            if ahead is not None:
+                ahead.stop()
         ids = np.frombuffer(idbuf, dtype=np.uint8).reshape(n, ID_SIZE)
         return BatchResult(
             item.disk, chunks, ids, new, stored, bytes_read, self.writer.take_written()
@@ -277,11 +391,14 @@ class _Worker:
             if backend.stat("data", name) is None:
                 raise CorruptionError(f"pack {name[:16]} written by this backup is missing")
         for name in msg.deep:
-            try:
-                nbytes += verify_pack(backend, name, self.cfg.seed)
-            except CorruptionError as e:
-                raise CorruptionError(f"pack {name[:16]} written by this backup: {e}") from None
+            nbytes += verify_written_pack(backend, name, self.cfg.seed)
         return len(msg.quick) + len(msg.deep), nbytes
+
+    def saved_so_far(self) -> WrittenObjects | None:
+        try:
+            return self.writer.take_written()
+        except Exception:
+            return None
 
     def handle(self, req: Request) -> object:
         if isinstance(req, Copy):
@@ -319,7 +436,7 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
             try:
                 conn.send(Ok(msg.tag, w.handle(msg.request)))
             except SnapferryError as e:
-                conn.send(Failed(msg.tag, e))
+                conn.send(Failed(msg.tag, e, w.saved_so_far()))
             except (BrokenPipeError, ConnectionResetError):
                 raise  # the parent is gone: below
             except Exception as e:
@@ -441,6 +558,7 @@ class ReaderPool:
         self.stats = PoolStats()
         self._tag = 0
         self._closed = False
+        self._verified: set[str] = set()  # packs their writers read back once saved
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -568,6 +686,22 @@ class ReaderPool:
             "nothing was committed"
         )
 
+    def _remove(self, w: WrittenObjects) -> None:
+        """Remove what a failing worker saved and never reported (index files first)."""
+        if not (w.packs or w.indexes):
+            return
+        try:
+            backend = self.cfg.store.backend.open()
+        except SnapferryError:
+            return  # left unreferenced: prune reclaims it
+        try:
+            for kind, names in (("index", w.indexes), ("data", w.packs)):
+                for name in names:
+                    with contextlib.suppress(SnapferryError):
+                        backend.remove(kind, name)
+        finally:
+            backend.close()
+
     def _next_tag(self) -> int:
         self._tag += 1
         return self._tag
@@ -584,6 +718,27 @@ class ReaderPool:
         Raises the first error a worker reports, or ``WorkerDied``."""
         if self._closed:
             raise RuntimeError("the reader pool is closed")
+        user_result = on_result
+
+        def got(value: Any) -> None:
+            w = value.written if isinstance(value, BatchResult) else value
+            if isinstance(w, WrittenObjects):
+                self._verified.update(w.verified)
+            user_result(value)
+
+        def unverified(msgs: Iterable[Request]) -> Iterator[Request]:
+            """Packs their writer already read back and checked (``verify_saved``) are
+            counted as checked here instead of being read a second time."""
+            for m in msgs:
+                if isinstance(m, VerifyPacks) and self._verified.intersection(m.deep):
+                    rest = tuple(p for p in m.deep if p not in self._verified)
+                    user_result((len(m.deep) - len(rest), 0))
+                    if not rest and not m.quick:
+                        continue
+                    m = VerifyPacks(deep=rest, quick=m.quick)
+                yield m
+
+        messages = unverified(messages)
         it: Iterator[Any]
         if broadcast:
             msgs = list(messages)
@@ -631,8 +786,10 @@ class ReaderPool:
                     self._died(s)
                 s.pending.popleft()
                 if isinstance(msg, Ok):
-                    on_result(msg.value)
+                    got(msg.value)
                 elif isinstance(msg, Failed):
+                    if msg.written is not None:
+                        self._remove(msg.written)
                     raise msg.error
                 elif isinstance(msg, Bug):
                     raise WorkerBug(f"reader worker {s.no} failed: {msg.message}", msg.traceback)

@@ -190,15 +190,40 @@ def test_abort_is_idempotent_and_cleans_up(repo: Repository, tmp_path: Path) -> 
         pass
 
 
-def test_full_verify_catches_a_damaged_new_chunk(repo: Repository, tmp_path: Path) -> None:
+def test_full_verify_catches_a_pack_that_does_not_read_back(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--verify full``: each worker reads back every pack right after saving it; a pack
+    that does not give back what was written stops the copy, nothing is committed and
+    what the backup saved is removed."""
     img = imagegen.make_image(tmp_path / "f.raw", 1 << 20, seed=8, zero_frac=0)
+    monkeypatch.setenv("SNAPFERRY_FAULT", "pack-rot=1")  # a byte flipped after the save
     s = BackupSession(repo, "vm", BackupOptions(workers=1, verify="full"))
-    s.copy([DiskInput("sda", FileSource(img))])
-    victim = next(repo.store.iterate())
-    flip_blob(repo, victim)  # bit rot between write and verify
-    with pytest.raises(CorruptionError):
-        s.verify()
+    with pytest.raises(CorruptionError, match="written by this backup"):
+        s.copy([DiskInput("sda", FileSource(img))])
     assert repo.list_backups() == []
+    assert all_packs(repo) == [] and repo.index_names() == set()
+
+
+def test_verify_reads_back_packs_not_checked_when_saved(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """Packs their writer did not read back (``verify_saved`` off) are checked by the
+    pre-commit verify: bit rot between the save and the verify is caught."""
+    from snapferry.engine.pool import Copy, Flush, PoolConfig, ReaderPool, VerifyPacks, WorkItem
+    from snapferry.engine.store.pack import WrittenObjects
+
+    img = imagegen.make_image(tmp_path / "g.raw", 1 << 20, seed=9, zero_frac=0)
+    cfg = PoolConfig(store=repo.writer_spec(), chunk_size=CS, verify_saved=False)
+    written = WrittenObjects()
+    with ReaderPool(cfg, 1) as pool:
+        pool.add_disk(0, FileSpec(str(img)), 1 << 20)
+        pool.run([Copy(WorkItem(0, [(0, 16)]))], lambda r: written.extend(r.written))
+        pool.run([Flush()], written.extend, broadcast=True)
+        assert written.packs and written.verified == []
+        flip_blob(repo, next(repo.store.iterate()))  # bit rot between write and verify
+        with pytest.raises(CorruptionError, match="written by this backup"):
+            pool.run([VerifyPacks(deep=tuple(written.packs))], lambda r: None)
 
 
 def test_parallel_duplicate_chunks_are_counted_once(repo: Repository, tmp_path: Path) -> None:

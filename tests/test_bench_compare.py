@@ -86,11 +86,17 @@ def test_compare_smoke(tmp_path: Path) -> None:
 
     # Every goal from the issue is reported; with all rows present each is judged.
     assert set(goals) == {
-        "full_vs_zstd", "full_vs_restic", "incremental_vs_full", "incremental_reads",
-        "incremental_vs_restic", "restore_vs_nbdcopy", "restore_correct",
+        "full_vs_zstd", "full_cpu_vs_zstd", "full_vs_restic", "incremental_vs_full",
+        "incremental_reads", "incremental_reads_vs_change", "incremental_vs_restic",
+        "restore_vs_nbdcopy", "restore_correct", "stored_vs_restic",
     }
+    # informational, and judged only at --compression 19
+    assert goals["full_cpu_vs_zstd"]["passed"] is None
+    assert goals["stored_vs_restic"]["passed"] is None
+    judged = {k: g for k, g in goals.items() if k not in ("full_cpu_vs_zstd", "stored_vs_restic")}
     if all(r["status"] == "ok" for r in rows.values()):
-        assert all(isinstance(g["passed"], bool) for g in goals.values()), goals
+        assert all(isinstance(g["passed"], bool) for g in judged.values()), goals
+    assert result["load_average"]["end"] is not None
     assert result["machine"]["nproc"] >= 1
     assert "qemu-img" in result["versions"]
     assert "goals:" in table and "snapferry" in table

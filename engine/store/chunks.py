@@ -26,6 +26,7 @@ from snapferry.engine.store.chunkindex import ChunkIndex, Location
 from snapferry.engine.store.crypto import sealer_of
 from snapferry.engine.store.hashing import ID_SIZE
 from snapferry.engine.store.pack import PackWriter, WrittenObjects, read_pack_trailer
+from snapferry.engine.store.saver import PackSaver
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,27 @@ class WriterReport:
 
 
 class ChunkWriter:
-    """Dedup check against the chunk index, then append to this writer's pack."""
+    """Dedup check against the chunk index, then append to this writer's pack.
 
-    def __init__(self, spec: ChunkWriterSpec) -> None:
+    ``background=True`` (reader workers): finished packs are saved by a ``PackSaver``
+    thread while the caller goes on; with ``verify_saved`` that thread also reads each
+    pack back and checks every blob once it is saved (the pre-commit ``--verify full``
+    check, listed in ``WrittenObjects.verified``)."""
+
+    def __init__(self, spec: ChunkWriterSpec, *, background: bool = False,
+                 verify_saved: bool = False) -> None:
         self.spec = spec
         self.backend: Backend = spec.backend.open()
         self.index = ChunkIndex()
         self.index.load(self.backend, types=(TYPE_CHUNK,))
-        self.pack = PackWriter(self.backend, spec.pack_size)
+        self.saver: PackSaver | None = None
+        if background:
+            backend, seed = self.backend, spec.seed
+            self.saver = PackSaver(
+                backend, (lambda name: verify_written_pack(backend, name, seed))
+                if verify_saved else None
+            )
+        self.pack = PackWriter(self.backend, spec.pack_size, sink=self.saver)
         self.digest = sealer_of(self.backend).digest  # keyed BLAKE3 when encrypted
         self.cctx: zstandard.ZstdCompressor = compressor(spec.zstd_level)
         # chunks this writer stored in this session: id -> (digest, raw_len)
@@ -92,13 +106,20 @@ class ChunkWriter:
         """Objects saved since the last call (pack flushes happen as packs fill)."""
         w = self.pack.written
         self.pack.written = WrittenObjects()
+        if self.saver is not None:
+            w.extend(self.saver.take())
         return w
 
     def flush(self) -> WrittenObjects:
+        """Save the pending pack; returns once everything handed over is saved."""
         self.pack.flush()
+        if self.saver is not None:
+            self.saver.wait()
         return self.take_written()
 
     def close(self) -> None:
+        if self.saver is not None:
+            self.saver.close()
         self.backend.close()
 
 
@@ -172,6 +193,14 @@ def verify_pack(backend: Backend, name: str, seed: int) -> int:
     return info.size
 
 
+def verify_written_pack(backend: Backend, name: str, seed: int) -> int:
+    """``verify_pack`` of a pack this backup wrote, its failure saying so."""
+    try:
+        return verify_pack(backend, name, seed)
+    except CorruptionError as e:
+        raise CorruptionError(f"pack {name[:16]} written by this backup: {e}") from None
+
+
 __all__ = [
     "ENTRY_SIZE",
     "ChunkReader",
@@ -179,4 +208,5 @@ __all__ = [
     "ChunkWriterSpec",
     "StoreOutcome",
     "verify_pack",
+    "verify_written_pack",
 ]

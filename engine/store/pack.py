@@ -10,6 +10,7 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -47,19 +48,51 @@ class WrittenObjects:
     indexes: list[str] = field(default_factory=list)
     pack_bytes: int = 0
     index_bytes: int = 0
+    verified: list[str] = field(default_factory=list)  # packs read back fully once saved
 
     def extend(self, other: WrittenObjects) -> None:
         self.packs += other.packs
         self.indexes += other.indexes
         self.pack_bytes += other.pack_bytes
         self.index_bytes += other.index_bytes
+        self.verified += other.verified
+
+
+class PackSink(Protocol):
+    """Where a finished pack goes instead of a save in the caller's thread
+    (``engine/store/saver.py``)."""
+
+    def submit(self, job: FinishedPack) -> None: ...
+
+
+@dataclass
+class FinishedPack:
+    """A pack ready to save and the index file naming it."""
+
+    name: str
+    data: bytes | bytearray
+    index_name: str
+    index_blob: bytes
+
+
+def save_finished(backend: Backend, job: FinishedPack, out: WrittenObjects) -> None:
+    """Pack first, then its index file (rule W3); each recorded in ``out`` once saved."""
+    backend.save("data", job.name, job.data)
+    out.packs.append(job.name)
+    out.pack_bytes += len(job.data)
+    backend.save("index", job.index_name, job.index_blob)
+    out.indexes.append(job.index_name)
+    out.index_bytes += len(job.index_blob)
 
 
 class PackWriter:
-    """Appends blobs to an in-memory pack; ``flush`` saves pack then index file."""
+    """Appends blobs to an in-memory pack; ``flush`` saves pack then index file (or hands
+    both to ``sink``, which saves them in that order)."""
 
-    def __init__(self, backend: Backend, target_size: int, key_id: int = 0) -> None:
+    def __init__(self, backend: Backend, target_size: int, key_id: int = 0,
+                 sink: PackSink | None = None) -> None:
         self.backend = backend
+        self.sink = sink
         self.target = target_size
         self.sealer = sealer_of(backend)
         self.key_id = key_id or self.sealer.key_id
@@ -94,7 +127,8 @@ class PackWriter:
         return self.pack_id, off, entry
 
     def flush(self) -> WrittenObjects:
-        """Save the pending pack and its index file; returns what this call wrote."""
+        """Save the pending pack and its index file; returns what this call wrote (with a
+        ``sink``: nothing, the sink reports what it saves)."""
         out = WrittenObjects()
         if not self.entries:
             return out
@@ -111,16 +145,17 @@ class PackWriter:
             )
             self.buf += trailer
             self.buf += footer
-        self.backend.save("data", name, self.buf)
-        out.packs.append(name)
-        out.pack_bytes += len(self.buf)
         iname, blob = encode_index_file([(self.pack_id, trailer)], self.key_id,
                                         self.sealer.digest)
-        self.backend.save("index", iname, blob)
-        out.indexes.append(iname)
-        out.index_bytes += len(blob)
-        self.written.extend(out)
+        job = FinishedPack(name, self.buf, iname, blob)
         self._start()
+        if self.sink is not None:
+            self.sink.submit(job)
+            return out
+        try:
+            save_finished(self.backend, job, out)
+        finally:
+            self.written.extend(out)
         return out
 
 
