@@ -288,12 +288,21 @@ class _ReadAhead:
 
 def _read_segment(src: DiskSource, cs: int, size: int, seg: list[Piece],
                   buf: memoryview) -> None:
+    """Read a segment's pieces: all at once when the source can (NBD: several requests
+    in flight for an incremental's scattered chunks), else one after the other."""
+    pieces = []
     for first, take, pos in seg:
         off = first * cs
         length = min(take * cs, size - off)
         if length <= 0:
             raise SnapferryError(f"chunk {first} lies beyond the end of the disk")
-        src.readinto(buf[pos * cs : pos * cs + length], off)
+        pieces.append((pos * cs, off, length))
+    many = getattr(src, "readinto_pieces", None)
+    if len(pieces) > 1 and callable(many):
+        many(buf, pieces)
+        return
+    for p, off, length in pieces:
+        src.readinto(buf[p : p + length], off)
 
 
 class _Worker:

@@ -323,14 +323,28 @@ class NbdHandle:
     ) -> None:
         """Like ``pread_many`` for several ``(buf_pos, length)`` slices of ``buf``, slice
         ``buf_pos`` holding the disk bytes at ``base_offset + buf_pos``."""
+        self.pread_scatter(buf, [(p, base_offset + p, n) for p, n in ranges], request_size,
+                           max_in_flight, timeout_ms)
+
+    def pread_scatter(
+        self,
+        buf: Any,
+        pieces: Iterable[tuple[int, int, int]],
+        request_size: int,
+        max_in_flight: int = 8,
+        timeout_ms: int = 120_000,
+    ) -> None:
+        """Like ``pread_ranges`` for ``(buf_pos, disk_offset, length)`` pieces: each
+        slice of ``buf`` gets the disk bytes at its own offset (scattered chunks of an
+        incremental, read with several requests in flight instead of one by one)."""
         if request_size <= 0 or max_in_flight <= 0:
             raise ValueError("request_size and max_in_flight must be positive")
         h = self._handle()
         lib = self._lib
         cbuf = self._cdata(buf)
         null = self._null_completion[0]
-        todo = [(p, n) for p, n in ranges if n > 0]
-        for p, n in todo:
+        todo = [(p, d, n) for p, d, n in pieces if n > 0]
+        for p, _d, n in todo:
             if p < 0 or p + n > len(cbuf):
                 raise ValueError("read range outside the buffer")
         inflight = 0
@@ -339,8 +353,8 @@ class NbdHandle:
         try:
             while nxt is not None or inflight:
                 while nxt is not None and inflight < max_in_flight:
-                    pos, cnt = nxt
-                    cookie = lib.nbd_aio_pread(h, cbuf + pos, cnt, base_offset + pos, null, 0)
+                    pos, disk, cnt = nxt
+                    cookie = lib.nbd_aio_pread(h, cbuf + pos, cnt, disk, null, 0)
                     if cookie == -1:
                         raise _last_error("read")
                     inflight += 1
@@ -372,10 +386,13 @@ class NbdHandle:
             raise
 
 
-def _split(ranges: list[tuple[int, int]], request_size: int) -> Iterable[tuple[int, int]]:
-    for pos, n in ranges:
+def _split(
+    pieces: list[tuple[int, int, int]], request_size: int
+) -> Iterable[tuple[int, int, int]]:
+    for pos, disk, n in pieces:
         end = pos + n
         while pos < end:
             cnt = min(request_size, end - pos)
-            yield pos, cnt
+            yield pos, disk, cnt
             pos += cnt
+            disk += cnt

@@ -305,6 +305,29 @@ class NbdSource:
             except NbdError as e:
                 raise self._read_error("read", offset, n, e) from None
 
+    def readinto_pieces(self, buf: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+        """Fill ``buf[pos:pos + n]`` with the disk bytes at ``offset`` for each
+        ``(pos, offset, n)``, with several requests in flight (the reader pool's
+        scattered chunks); the same checks and one reconnect-and-retry as ``readinto``."""
+        mb = self._min_block
+        for _pos, offset, n in pieces:
+            if offset < 0 or offset + n > self._size:
+                raise ValueError(f"read {offset}+{n} outside the disk (size {self._size})")
+            end = offset + n
+            if offset % mb or (end % mb and end != self._size):
+                for p, o, k in pieces:  # unaligned edges: readinto's bounce buffers
+                    self.readinto(buf[p : p + k], o)
+                return
+        for attempt in (0, 1):
+            try:
+                self._handle().pread_scatter(buf, pieces, self._request_size,
+                                             self._spec.max_in_flight, self._timeout_ms)
+                return
+            except NbdError as e:
+                off, n = (pieces[0][1], sum(k for _p, _o, k in pieces)) if pieces else (0, 0)
+                if attempt or not self._reconnect_for_retry(e):
+                    raise self._read_error("read", off, n, e) from None
+
     def _read(self, buf: Any, offset: int, n: int) -> None:
         h = self._handle()
         mb = self._min_block
