@@ -110,10 +110,12 @@ def source_kind(source: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     kind = source_kind(args.source)
+    repo = None  # opened once: an encrypted repository's key costs a scrypt each time
     if args.parent:
         from snapferry.engine.restore_point_ref import resolve_restore_point
 
-        args.parent = resolve_restore_point(open_repo(args), args.parent)
+        repo = open_repo(args)
+        args.parent = resolve_restore_point(repo, args.parent)
     if kind == "vm":
         if _vm_backup is None:
             raise UsageError(f"VM sources ({args.source}) are not available in this build")
@@ -122,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--source-format is for image files, not NBD exports")
     from snapferry.engine.sources import open_source
 
-    repo = open_repo(args)
+    if repo is None:
+        repo = open_repo(args)
     progress = make_progress(args.json)
     with sigterm_as_interrupt():
         src = open_source(args.source, bitmap=args.bitmap, image_format=args.source_format)

@@ -470,10 +470,19 @@ class AuditPlan:
 
 
 def _ids_of(index: DiskIndex, chunks: np.ndarray) -> np.ndarray:
-    """The ids of ``chunks`` as a (k, 16) array, through ``get`` (an index may be paged:
-    a sample should not build the whole disk's id array)."""
-    raw = b"".join(index.get(int(c)) for c in chunks)
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
+    """The ids of ``chunks`` as a (k, 16) array, a page at a time (an index may be
+    paged: a sample should not build the whole disk's id array, nor load a page once
+    per chunk it holds — ``get`` does not keep the pages it loads)."""
+    chunks = np.asarray(chunks, dtype=np.int64)
+    out = np.zeros((chunks.size, 16), dtype=np.uint8)
+    pe = index.page_entries
+    pages = chunks // pe
+    for p in np.unique(pages).tolist():
+        arr = index.page(int(p))
+        if arr is not None:
+            sel = pages == p
+            out[sel] = arr[chunks[sel] - p * pe]
+    return out
 
 
 def allocated_mask(source: DiskSource, chunk_size: int) -> np.ndarray:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing as mp
+import os
 import queue
 import resource
 import signal
@@ -437,7 +438,13 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
                 return  # parent gone
             if isinstance(msg, Stop):
                 conn.send(Bye(w.done_chunks, _peak_rss_kib()))
-                return
+                w.close()
+                conn.close()
+                # nothing left to do: skip the interpreter's teardown (module and numpy
+                # finalisation, a tenth of a second per worker the parent waits for)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             if isinstance(msg, AddDisk):
                 w.specs[msg.disk] = (msg.spec, msg.size)
                 continue  # no reply
