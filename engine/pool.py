@@ -112,6 +112,8 @@ class BatchResult:
     stored: np.ndarray  # int64: blob bytes written (0 unless new)
     bytes_read: int
     written: WrittenObjects = field(default_factory=WrittenObjects)  # packs saved meanwhile
+    # (id, digest, raw_len) of the chunks this worker stored: passed on to the others
+    fresh: list[tuple[bytes, bytes, int]] = field(default_factory=list)
 
 
 # -- messages between the parent and a worker (one pipe each way) -------------------------
@@ -129,6 +131,13 @@ class AddDisk:
 @dataclass(frozen=True)
 class Copy:
     item: WorkItem
+
+
+@dataclass(frozen=True)
+class Known:
+    """Chunks other workers of this backup stored (no reply): a later copy is a hit."""
+
+    chunks: list[tuple[bytes, bytes, int]]
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,7 @@ class _Worker:
         idbuf = bytearray(n * ID_SIZE)
         new = np.zeros(n, dtype=bool)
         stored = np.zeros(n, dtype=np.int64)
+        fresh: list[tuple[bytes, bytes, int]] = []
         bytes_read = 0
         k = 0
         store, digest = self.writer.store, self.writer.digest
@@ -377,10 +387,12 @@ class _Worker:
                             cid = chunk_id(seed, data)
                             # A dedup hit must be an undamaged copy of the same data (the
                             # BLAKE3 recorded in the index); other data under the id raises.
-                            got = store(cid, data, digest(data))
+                            dg = digest(data)
+                            got = store(cid, data, dg)
                             if got.new:
                                 new[k] = True
                                 stored[k] = got.stored
+                                fresh.append((cid, dg, b - a))
                             idbuf[k * ID_SIZE : (k + 1) * ID_SIZE] = cid
                         k += 1
                     self.done_chunks += take
@@ -391,7 +403,7 @@ class _Worker:
                 ahead.stop()
         ids = np.frombuffer(idbuf, dtype=np.uint8).reshape(n, ID_SIZE)
         return BatchResult(
-            item.disk, chunks, ids, new, stored, bytes_read, self.writer.take_written()
+            item.disk, chunks, ids, new, stored, bytes_read, self.writer.take_written(), fresh
         )
 
     def verify(self, msg: VerifyPacks) -> tuple[int, int]:
@@ -447,6 +459,9 @@ def worker_main(conn: Connection, cfg: PoolConfig, worker_no: int) -> None:
                 os._exit(0)
             if isinstance(msg, AddDisk):
                 w.specs[msg.disk] = (msg.spec, msg.size)
+                continue  # no reply
+            if isinstance(msg, Known):
+                w.writer.learn(msg.chunks)
                 continue  # no reply
             assert isinstance(msg, Tagged), msg
             try:
@@ -560,6 +575,7 @@ class _Slot:
         self.proc = proc
         self.conn = conn
         self.pending: deque[int] = deque()
+        self.outbox: list[tuple[bytes, bytes, int]] = []  # other workers' new chunks
         self.alive = True
         self.reaped = False  # joined and closed
 
@@ -687,7 +703,7 @@ class ReaderPool:
                 s.proc.close()
 
     # -- dispatch ------------------------------------------------------------------------
-    def _send(self, s: _Slot, msg: Tagged | AddDisk | Stop) -> None:
+    def _send(self, s: _Slot, msg: Tagged | AddDisk | Known | Stop) -> None:
         try:
             s.conn.send(msg)
         except (OSError, ValueError):
@@ -736,10 +752,16 @@ class ReaderPool:
             raise RuntimeError("the reader pool is closed")
         user_result = on_result
 
-        def got(value: Any) -> None:
+        def got(value: Any, sender: _Slot) -> None:
             w = value.written if isinstance(value, BatchResult) else value
             if isinstance(w, WrittenObjects):
                 self._verified.update(w.verified)
+            if isinstance(value, BatchResult) and value.fresh and len(self.slots) > 1:
+                # tell the other workers (sent before their next item): a copy of the
+                # same data they meet later is a hit, not a second blob
+                for o in self.slots:
+                    if o is not sender and o.alive:
+                        o.outbox.extend(value.fresh)
             user_result(value)
 
         def unverified(msgs: Iterable[Request]) -> Iterator[Request]:
@@ -777,6 +799,9 @@ class ReaderPool:
                         if nxt is None:
                             exhausted = True
                             break
+                        if s.outbox:
+                            self._send(s, Known(s.outbox))
+                            s.outbox = []
                         tag = self._next_tag()
                         self._send(s, Tagged(tag, nxt))
                         s.pending.append(tag)
@@ -802,7 +827,7 @@ class ReaderPool:
                     self._died(s)
                 s.pending.popleft()
                 if isinstance(msg, Ok):
-                    got(msg.value)
+                    got(msg.value, s)
                 elif isinstance(msg, Failed):
                     if msg.written is not None:
                         self._remove(msg.written)

@@ -187,3 +187,28 @@ def test_saver_failed_verify_still_reports_the_saved_pack(tmp_path: Path) -> Non
     w = saver.take()
     assert w.packs == ["d" * 64] and w.verified == []  # saved (abort removes it), unproven
     saver.close()
+
+
+def test_workers_learn_each_others_new_chunks(tmp_path: Path) -> None:
+    """A chunk one worker stored is a hit for the others later in the same backup (told
+    before their next item): the second half of the disk repeats the first, and once
+    the first half's replies are in, no chunk of the second is stored again."""
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    blocks = [os.urandom(CS) for _ in range(48)]
+    img = tmp_path / "twice.raw"
+    img.write_bytes(b"".join(blocks[i % 48] for i in range(96)))
+    cfg = PoolConfig(store=repo.writer_spec(), chunk_size=CS, item_bytes=CS)
+    first: list[BatchResult] = []
+    second: list[BatchResult] = []
+    with ReaderPool(cfg, 2) as pool:
+        pool.add_disk(0, FileSpec(str(img)), 96 * CS)
+        pool.run([Copy(WorkItem(0, [(i, 1)])) for i in range(48)], first.append)
+        pool.run([Copy(WorkItem(0, [(i, 1)])) for i in range(48, 96)], second.append)
+        pool.run([Flush()], lambda w: None, broadcast=True)
+        assert pool.stats is not None
+    assert sum(int(r.new.sum()) for r in first) == 48
+    assert sum(int(r.new.sum()) for r in second) == 0  # every copy a hit
+    assert len(list(repo.store.iterate())) == 48
+    by_chunk = {int(c): bytes(i) for r in first + second
+                for c, i in zip(r.chunks.tolist(), r.ids, strict=True)}
+    assert all(by_chunk[c] == by_chunk[c + 48] for c in range(48))

@@ -8,6 +8,7 @@ proves it on the way out.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,8 @@ from snapferry.engine.store.crypto import sealer_of
 from snapferry.engine.store.hashing import ID_SIZE
 from snapferry.engine.store.pack import PackWriter, WrittenObjects, read_pack_trailer
 from snapferry.engine.store.saver import PackSaver
+
+LEARN_MAX = 1 << 18  # other writers' chunks remembered (~60 MiB; 32 GiB of 128 KiB chunks)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class ChunkWriter:
         self.cctx: zstandard.ZstdCompressor = compressor(spec.zstd_level)
         # chunks this writer stored in this session: id -> (digest, raw_len)
         self.session: dict[bytes, tuple[bytes, int]] = {}
+        # chunks other writers of the same backup stored (``learn``), oldest first
+        self.others: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self.report = WriterReport()
 
     def store(self, cid: bytes, data: bytes | memoryview, digest: bytes) -> StoreOutcome:
@@ -95,12 +100,32 @@ class ChunkWriter:
                     "alias): refusing to deduplicate; the backup was not committed"
                 )
             return StoreOutcome(False, 0)
+        theirs = self.others.get(cid)
+        if theirs is not None:
+            if theirs != (digest, raw_len):
+                raise CorruptionError(
+                    f"chunk id {cid.hex()} already names different data (hash collision/"
+                    "alias): refusing to deduplicate; the backup was not committed"
+                )
+            return StoreOutcome(False, 0)
         if self.index.lookup_valid(cid, digest, raw_len):
             return StoreOutcome(False, 0)
         codec, stored = encode(data, level=self.spec.zstd_level, cctx=self.cctx)
         pid, _off, _entry = self.pack.add(cid, TYPE_CHUNK, codec, stored, raw_len, digest)
         self.session[cid] = (digest, raw_len)
         return StoreOutcome(True, memoryview(stored).nbytes, pid.hex())
+
+    def learn(self, chunks: list[tuple[bytes, bytes, int]]) -> None:
+        """Chunks ``(id, digest, raw_len)`` another writer of the same backup stored: a
+        later copy here is a dedup hit (checked by digest and length like any other)
+        instead of a second blob. Those chunks are committed with this backup or not at
+        all, so the hit is as safe as one on this writer's own pack. At most
+        ``LEARN_MAX`` are kept (the oldest go: a miss only stores a harmless duplicate)."""
+        others = self.others
+        for cid, digest, raw_len in chunks:
+            others[cid] = (digest, raw_len)
+        while len(others) > LEARN_MAX:
+            others.popitem(last=False)
 
     def take_written(self) -> WrittenObjects:
         """Objects saved since the last call (pack flushes happen as packs fill)."""
