@@ -96,6 +96,7 @@ class PackSaver:
             try:
                 save_finished(self._backend, job, saved)
                 faults.pack_saved(self._backend, job.name, job.data)
+                job.data = b""  # saved: its memory goes before the read-back's comes
                 if self._verify is not None:
                     self._verify(job.name)
                     saved.verified.append(job.name)
