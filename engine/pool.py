@@ -414,6 +414,8 @@ class _Worker:
             if backend.stat("data", name) is None:
                 raise CorruptionError(f"pack {name[:16]} written by this backup is missing")
         for name in msg.deep:
+            if name in self.writer.verified:
+                continue  # this worker read it back right after saving it
             nbytes += verify_written_pack(backend, name, self.cfg.seed)
         return len(msg.quick) + len(msg.deep), nbytes
 

@@ -212,3 +212,32 @@ def test_workers_learn_each_others_new_chunks(tmp_path: Path) -> None:
     by_chunk = {int(c): bytes(i) for r in first + second
                 for c, i in zip(r.chunks.tolist(), r.ids, strict=True)}
     assert all(by_chunk[c] == by_chunk[c + 48] for c in range(48))
+
+
+def test_a_worker_does_not_read_back_twice_what_it_checked_at_save(tmp_path: Path) -> None:
+    """In-process use of a worker (the path an in-process reader takes): packs it read
+    back right after saving them count as checked without a second read; a pack it did
+    not write is read and checked."""
+    from snapferry.engine.pool import _Worker
+
+    repo = Repository.init(tmp_path / "repo", chunk_size=CS)
+    img = tmp_path / "w.raw"
+    img.write_bytes(os.urandom(2 * M))
+    size = 2 * M
+    mine = _Worker(PoolConfig(store=repo.writer_spec(), chunk_size=CS, verify_saved=True), 0)
+    other = _Worker(PoolConfig(store=repo.writer_spec(), chunk_size=CS), 1)
+    try:
+        for w in (mine, other):
+            w.specs[0] = (FileSpec(str(img)), size)
+        mine.handle(Copy(WorkItem(0, [(0, 16)])))
+        own = mine.handle(Flush())
+        other.handle(Copy(WorkItem(0, [(16, 16)])))
+        theirs = other.handle(Flush())
+        assert isinstance(own, WrittenObjects) and isinstance(theirs, WrittenObjects)
+        assert own.verified == own.packs and theirs.verified == []
+        assert mine.handle(VerifyPacks(deep=tuple(own.packs))) == (len(own.packs), 0)
+        n, nbytes = mine.handle(VerifyPacks(deep=tuple(theirs.packs)))  # type: ignore[misc]
+        assert n == len(theirs.packs) and nbytes > 0
+    finally:
+        mine.close()
+        other.close()

@@ -87,6 +87,7 @@ class ChunkWriter:
         # chunks other writers of the same backup stored (``learn``), oldest first
         self.others: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
         self.report = WriterReport()
+        self.verified: set[str] = set()  # packs read back and checked once saved
 
     def store(self, cid: bytes, data: bytes | memoryview, digest: bytes) -> StoreOutcome:
         """Store the chunk unless an undamaged copy of the same data exists (rule W4).
@@ -133,6 +134,7 @@ class ChunkWriter:
         self.pack.written = WrittenObjects()
         if self.saver is not None:
             w.extend(self.saver.take())
+        self.verified.update(w.verified)
         return w
 
     def flush(self) -> WrittenObjects:
