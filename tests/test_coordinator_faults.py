@@ -4,7 +4,7 @@ point is written for the failed backup; and the next backup succeeds.
 
 Faults are real where they can be: the guest's fsfreeze hook refusing, a guest agent
 that never answers (a socket that accepts and stays silent), QEMU's NBD export deleted
-under the reader pool, a chunk file corrupted on disk between copy and verify, QEMU
+under the reader pool, a pack that does not read back as written (verify), QEMU
 refusing the commit because another job holds the base node, the QMP connection
 closed, signals sent to a real ``snapferry backup`` process, a guest frozen by someone
 else, a foreign overlay. Two fault points need a hook: a reader that fails after N reads
@@ -34,7 +34,6 @@ from coordvm import (
     write_known,
 )
 from labvm import assert_vm_clean, bitmaps, control, lab_vm, silent_agent  # noqa: F401
-from store_helpers import flip_blob
 
 from snapferry.engine import faults
 from snapferry.engine.errors import (
@@ -165,26 +164,22 @@ def test_nbd_export_deleted_under_the_readers(lab_vm: LabVm, work: Path,
     after_fault(lab_vm, work, repo, before)
 
 
-def test_verify_catches_a_corrupted_chunk(lab_vm: LabVm, work: Path, repo: Repository) -> None:
-    """A chunk file this backup wrote is damaged between copy and verify (a real bit
-    flip on disk): verify fails, nothing is committed, the chunks are removed."""
+def test_verify_catches_a_corrupted_chunk(
+    lab_vm: LabVm, work: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack this backup wrote does not read back as written (a byte flipped on disk
+    right after its save: the ``pack-rot`` fault point): the read-back of ``--verify
+    full``, done by each worker right after its save, fails the backup; nothing is
+    committed and what the backup stored is removed."""
     before = count_backups(repo)
     old = set(repo.store.iterate())
     write_known(lab_vm, "verify", 4, 64 * 1024)
-    damaged: list[str] = []
-
-    def corrupt() -> None:
-        new = sorted(set(repo.store.iterate()) - old)
-        assert new, "the backup wrote no new chunk"
-        path = flip_blob(repo, new[0])  # a bit flip inside the chunk's pack
-        damaged.append(str(path))
-
-    prog = HookProgress(on_start={"verify": corrupt})
+    monkeypatch.setenv(FAULT_ENV, faults.spec(pack_rot="1"))
     with pytest.raises(CorruptionError) as ei:
-        run(lab_vm, work, repo, progress=prog)
-    assert damaged and one_line(str(ei.value))
-    assert not Path(damaged[0]).exists()  # abort removed the packs this backup stored
-    assert set(repo.store.iterate()) == old
+        run(lab_vm, work, repo)
+    monkeypatch.delenv(FAULT_ENV)
+    assert one_line(str(ei.value)) and "written by this backup" in str(ei.value)
+    assert set(repo.store.iterate()) == old  # abort removed the packs this backup stored
     after_fault(lab_vm, work, repo, before)
 
 
