@@ -21,7 +21,7 @@ Points and their actions:
 ``worker-kill=N``            a reader worker SIGKILLs itself before its read after N chunks
 ``worker-stall=N@PATH``      a reader worker appends its pid to PATH and sleeps forever
                              after N chunks (to deliver Ctrl-C / SIGKILL mid-copy)
-``pack-rot=N``                the N-th pack (from 1) a reader worker saves gets one byte
+``pack-rot=N``               the N-th pack (from 1) a reader worker saves gets one byte
                              flipped right after its save, before the worker reads it
                              back (storage that does not return what was written)
 ``prune-kill=STEP[:N]``      prune SIGKILLs itself the N-th time (default 1) it reaches
@@ -44,9 +44,10 @@ from snapferry.engine.errors import HypervisorError
 
 FAULT_ENV = "SNAPFERRY_FAULT"
 PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "merge")
-POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill",
-          "pack-rot")
+POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill")
 PHASE_ACTIONS = ("sigint", "sigterm", "sigkill", "raise")
+
+POINTS += ("pack-rot",)  # a reader worker's pack saver (engine/store/saver.py)
 
 
 def _parse(spec: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ proves it on the way out.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,7 +84,7 @@ class ChunkWriter:
         # chunks this writer stored in this session: id -> (digest, raw_len)
         self.session: dict[bytes, tuple[bytes, int]] = {}
         # chunks other writers of the same backup stored (``learn``), oldest first
-        self.others: OrderedDict[bytes, tuple[bytes, int]] = OrderedDict()
+        self.others: dict[bytes, tuple[bytes, int]] = {}
         self.report = WriterReport()
         self.verified: set[str] = set()  # packs read back and checked once saved
 
@@ -126,7 +125,7 @@ class ChunkWriter:
         for cid, digest, raw_len in chunks:
             others[cid] = (digest, raw_len)
         while len(others) > LEARN_MAX:
-            others.popitem(last=False)
+            del others[next(iter(others))]  # dicts keep insertion order: the oldest
 
     def take_written(self) -> WrittenObjects:
         """Objects saved since the last call (pack flushes happen as packs fill)."""
