@@ -195,6 +195,9 @@ class QemuHypervisor:
         self._sources: list[DiskSource] = []
         self._snapshotted = False
         self._finalized = False
+        # interrupted rounds' bitmaps are put right at snapshot(), where the parent
+        # restore points (and so the bitmaps a committed round left) are known
+        self._bitmaps_deferred = False
         self.freeze_limit = freeze_limit
         self._watchdog: _Watchdog | None = None
         self._released_watchdogs: list[_Watchdog] = []
@@ -326,8 +329,12 @@ class QemuHypervisor:
         self._qmp.connect()
         self.lock()
         # Holding the lock, whatever snapferry state QEMU shows is an interrupted
-        # backup's: put it right first (merge overlays, drop exports, restore bitmaps).
+        # backup's: put it right first (merge overlays, drop exports). Its bitmaps wait
+        # for snapshot(): whether its round committed a restore point decides which
+        # bitmap to keep (a kill between the commit and finalize() left the parent's
+        # disabled and the new one recording — the one the new restore point names).
         errs: list[str] = []
+        self._bitmaps_deferred = True
         self._cleanup_qemu(errs)
         if errs:
             raise HypervisorError("cannot clear an interrupted backup's leftovers: "
@@ -539,6 +546,14 @@ class QemuHypervisor:
         self._ensure_inspected()
         now = dt.datetime.now(dt.UTC)
         stamp = now.strftime("%Y%m%dT%H%M%S") + f"-{now.microsecond:06d}"
+        if self._bitmaps_deferred:
+            self._bitmaps_deferred = False
+            tracked = {str(p.tracking["bitmap"]) for p in parents.values()
+                       if p.tracking.get("bitmap")}
+            before = len(self.actions)
+            self._restore_orphaned_bitmaps(committed=tracked)
+            for a in self.actions[before:]:
+                self.progress.note(f"leftover of an interrupted backup: {a}")
         nodes = self._nodes()
         actions: list[dict[str, Any]] = []
         for d in self._disks:
@@ -809,11 +824,16 @@ class QemuHypervisor:
                 raise HypervisorError(f"dirty bitmap bookkeeping failed: {e.desc}") from e
         self._finalized = True
 
-    def _restore_orphaned_bitmaps(self) -> None:
+    def _restore_orphaned_bitmaps(self, committed: set[str] | frozenset[str] = frozenset()
+                                  ) -> None:
         """Stateless failure bookkeeping (a crashed or unfinalized backup): a disabled
-        ``snapferry-*`` bitmap is a parent whose backup never finished; merge every newer
-        ``snapferry-*`` bitmap into it, re-enable it, drop the newer ones. Safe: at worst
-        the next backup of that disk is full, it can never miss a write."""
+        ``snapferry-*`` bitmap is a parent whose backup never finished its bookkeeping.
+        If a newer bitmap is in ``committed`` (a restore point names it: the round was
+        committed, then killed before ``finalize``), the disabled parent is dropped, as
+        ``finalize(True)`` would have done, and the next backup stays incremental.
+        Otherwise every newer ``snapferry-*`` bitmap is merged into it, it is re-enabled
+        and the newer ones dropped. Safe: at worst the next backup of that disk is full,
+        it can never miss a write."""
         actions: list[dict[str, Any]] = []
         done: list[str] = []
         for node, n in self._nodes().items():
@@ -823,6 +843,13 @@ class QemuHypervisor:
                 if b.get("recording", True) or b.get("busy") or b.get("inconsistent"):
                     continue
                 newer = [x for x in sorted(bms) if x > name]
+                kept = [x for x in newer if x in committed and bms[x].get("recording", True)]
+                if kept:
+                    actions.append({"type": "block-dirty-bitmap-remove",
+                                    "data": {"node": node, "name": name}})
+                    done.append(f"dropped bitmap {name} on {node} (its backup was "
+                                f"committed; {kept[0]} tracks the writes since)")
+                    break
                 if not newer:
                     # nothing recorded the writes since it was disabled: it can only
                     # mislead an incremental; dropping it makes the next backup full
@@ -920,7 +947,7 @@ class QemuHypervisor:
             try:
                 if any(d.new_bitmap for d in self._disks):
                     self.finalize(False)  # this process's round: it knows its bitmaps
-                else:
+                elif not self._bitmaps_deferred:  # deferred: the next snapshot() decides
                     self._restore_orphaned_bitmaps()
                 self._finalized = True
             except QmpConnectionError:
