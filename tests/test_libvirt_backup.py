@@ -415,6 +415,46 @@ def test_cli_json(lv_domain: LvDomain, work: Path, repo: Repository) -> None:
     assert_domain_clean(d, work)
 
 
+@pytest.mark.parametrize("point", ["after_quiesce", "after_export"])
+def test_cleanup_after_a_killed_cli_backup(lv_domain: LvDomain, work: Path, repo: Repository,
+                                           point: str) -> None:
+    """``snapferry cleanup DOMAIN`` (it was QEMU-only): a CLI backup SIGKILLed with the
+    guest frozen, or with its backup job and new checkpoint in place; cleanup thaws,
+    ends the job, deletes the unbacked checkpoint, removes the scratch files, says each;
+    a second cleanup finds nothing; the next backup is incremental."""
+    from snapferry.engine import faults
+    from snapferry.engine.faults import FAULT_ENV
+
+    d = lv_domain
+    run(d, work, repo)
+    before = len(repo.list_backups())
+    cps = ours(d)
+    env = {**os.environ, FAULT_ENV: faults.spec(**{point: "sigkill"})}
+    p = subprocess.run([str(SNAPFERRY), "backup", d.uri, "--repo", str(repo.path),
+                        "--quiesce", "required", "--workers", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    if point == "after_quiesce":
+        assert d.freeze_status() == "frozen"
+    else:
+        assert backup_job_xml(d) is not None and len(ours(d)) == len(cps) + 1
+    c = subprocess.run([str(SNAPFERRY), "cleanup", d.uri, "--json"], capture_output=True,
+                       text=True, env=dict(os.environ), timeout=300)
+    assert c.returncode == 0, c.stderr
+    actions = " / ".join(json.loads(c.stdout)["actions"])
+    if point == "after_quiesce":
+        assert "thawed" in actions, actions
+    else:
+        assert "ended the backup job" in actions and "deleted checkpoint" in actions, actions
+    assert_domain_clean(d, work)
+    assert ours(d) == cps
+    again = subprocess.run([str(SNAPFERRY), "cleanup", d.uri, "--json"], capture_output=True,
+                           text=True, env=dict(os.environ), timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["actions"] == [], again.stdout
+    r = after_fault(d, work, repo, before)
+    assert r.backup.mode == "incremental"
+
+
 @pytest.fixture(autouse=True)
 def _leave_domain_clean(lv_domain: LvDomain) -> Iterator[None]:
     yield

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -40,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapferry.engine.crash_state import nbd_socket_path, read_state, update_state
 from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
 from snapferry.engine.procs import process_start
@@ -212,28 +211,14 @@ class QemuHypervisor:
         return self.work_dir / "qemu-state.json"
 
     def _state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._state_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_state(self._state_file)
 
     def _set_state(self, **kv: Any) -> None:
-        st = self._state()
-        st.update(kv)
-        st = {k: v for k, v in st.items() if v}
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st))
-        tmp.replace(self._state_file)
+        update_state(self._state_file, **kv)
 
     @property
     def _nbd_socket(self) -> Path:
-        path = self.work_dir.resolve() / "nbd.sock"
-        if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
-            digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-            path = Path(tempfile.gettempdir()) / f"snapferry-nbd-{digest}.sock"
-        return path
+        return nbd_socket_path(self.work_dir, "snapferry-nbd")
 
     # -- the per-VM lock (held in QEMU, so every monitor and repository sees it) --------
     def _lock_holder(self) -> dict[str, Any] | None:
