@@ -136,6 +136,7 @@ class LibvirtHypervisor:
         self._uuid = ""
         self._sources: list[DiskSource] = []
         self._new_checkpoint: str | None = None
+        self._stale_checkpoint: str | None = None  # a killed run's, settled at snapshot()
         self._job = False
         self._finalized = True
         self._freeze_t0: float | None = None
@@ -334,11 +335,23 @@ class LibvirtHypervisor:
             self._end_job()
         if st.get("frozen"):
             self._try_thaw()
-        stale = st.get("new_checkpoint")
-        if stale:
-            self._delete_checkpoint(str(stale))
-            self._set_state(new_checkpoint=None)
+        # The checkpoint a killed run created waits for snapshot(): if that run committed
+        # its restore point (killed between the manifest and finalize), the restore
+        # point names it and it must stay, or the next backup would be full.
+        self._stale_checkpoint = str(st["new_checkpoint"]) if st.get("new_checkpoint") \
+            else None
         self._remove_leftovers()
+
+    def _settle_stale_checkpoint(self, parents: dict[str, ParentDisk]) -> None:
+        stale, self._stale_checkpoint = self._stale_checkpoint, None
+        if stale is None:
+            return
+        if any(p.tracking.get("checkpoint") == stale for p in parents.values()):
+            self.progress.note(f"kept checkpoint {stale} of an interrupted run: its restore "
+                               "point was committed")
+        else:
+            self._delete_checkpoint(stale)
+        self._set_state(new_checkpoint=None)
 
     # -- quiesce / thaw ----------------------------------------------------------------
     def quiesce(self) -> int:
@@ -512,6 +525,7 @@ class LibvirtHypervisor:
                 self._plan_disk(d, mode, parents.get(d.name))
             self._start_offline()
             return
+        self._settle_stale_checkpoint(parents)
         said_raw = False
         for d in self._disks:
             self._plan_disk(d, mode, parents.get(d.name))
