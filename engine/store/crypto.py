@@ -157,7 +157,10 @@ class Sealer(PlainSealer):
         if mv.nbytes < SEAL_OVERHEAD:
             raise CorruptionError(f"{what}: too short to be sealed")
         try:
-            return self._aead.decrypt(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad)
+            try:
+                return self._aead.decrypt(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad)
+            except TypeError:  # cryptography < 40 (Debian's, in nbdkit's Python): bytes only
+                return self._aead.decrypt(bytes(mv[:NONCE_SIZE]), bytes(mv[NONCE_SIZE:]), aad)
         except InvalidTag:
             raise CorruptionError(
                 f"{what}: authentication failed (tampered, moved or swapped ciphertext)"
