@@ -552,6 +552,8 @@ class RestorePointSource:
         chunks are read once, in pack order, and written at every offset that uses
         them, by ``workers`` threads. ``advance(n)`` runs in the calling thread.
         Raises ``CorruptionError`` (the first bad chunk met) or ``OSError``."""
+        from snapferry.engine.store.chunks import Scratch
+
         nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
         cs, vsize = self._cs, self._size
         reader = self._reader
@@ -588,11 +590,16 @@ class RestorePointSource:
                 if batch:
                     yield batch
 
+        local = threading.local()
+
         def write(items: list[tuple[Run, list[bytes], list[np.ndarray]]]) -> int:
+            sc = getattr(local, "scratch", None)
+            if sc is None:
+                sc = local.scratch = Scratch(cs)
             n = 0
             for run, cids, poss in items:
-                datas = (reader.read_run(run, cids) if run.pack >= 0
-                         else [_read_one(reader, cids[0])])
+                datas = (reader.iter_run(run, cids, sc) if run.pack >= 0
+                         else iter([_read_one(reader, cids[0])]))
                 for cid, pos, data in zip(cids, poss, datas, strict=True):
                     if isinstance(data, CorruptionError):
                         i = int(pos[0])
