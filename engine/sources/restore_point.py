@@ -228,6 +228,11 @@ class RestorePointSource:
     def chunk_size(self) -> int:
         return self._cs
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded chunks held in the cache now (at most ``cache_bytes``)."""
+        return self._cached
+
     def extents(
         self, offset: int = 0, length: int | None = None, *, dirty: bool = False
     ) -> Iterator[Extent]:
