@@ -49,8 +49,7 @@ PASSWORD = "snapferry-bench"
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, SNAPFERRY_PASSWORD=PASSWORD, SNAPFERRY_NEW_PASSWORD=PASSWORD,
-                SNAPFERRY_TEST_SCRYPT_N="1024")
+    return dict(os.environ, SNAPFERRY_PASSWORD=PASSWORD, SNAPFERRY_NEW_PASSWORD=PASSWORD)
 
 
 def sf_exe() -> str:

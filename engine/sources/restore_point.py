@@ -44,6 +44,7 @@ import numpy as np
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, SourceError
 from snapferry.engine.source import Extent
+from snapferry.engine.store.chunks import Scratch
 
 if TYPE_CHECKING:
     from snapferry.engine.store.chunks import ChunkReader, Decoded, Run
@@ -151,6 +152,7 @@ class RestorePointSource:
         self._task_chunks = max(1, TASK_BYTES // self._cs)
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self._local = threading.local()  # per-thread decode buffers
         self.chunk_reads = 0  # chunks decoded (for tests and figures)
         self.cache_hits = 0  # chunks found decoded or being decoded
         self.foreground_loads = 0  # chunks a read had to decode itself
@@ -335,8 +337,11 @@ class RestorePointSource:
         """Read ``cids`` (ids also as the (k, 16) array ``uids``) run by run."""
         reader = self._reader
         rows = reader.rows_for(uids)
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            sc = self._local.scratch = Scratch(self._cs)
         for run in reader.plan_runs(rows):
-            yield run, reader.read_run(run, [cids[j] for j in run.items])
+            yield run, list(reader.iter_run(run, [cids[j] for j in run.items], sc, own=True))
         for j in np.flatnonzero(rows < 0).tolist():  # no usable copy in the index
             yield _missing_run(j), [_read_one(reader, cids[j])]
 
@@ -557,8 +562,6 @@ class RestorePointSource:
         chunks are read once, in pack order, and written at every offset that uses
         them, by ``workers`` threads. ``advance(n)`` runs in the calling thread.
         Raises ``CorruptionError`` (the first bad chunk met) or ``OSError``."""
-        from snapferry.engine.store.chunks import Scratch
-
         nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
         cs, vsize = self._cs, self._size
         reader = self._reader

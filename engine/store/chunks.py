@@ -24,6 +24,7 @@ from snapferry.engine.store.blobs import (
     TYPE_CHUNK,
     check_blob,
     compressor,
+    decode,
     decompressor,
     encode,
 )
@@ -209,7 +210,7 @@ class ChunkReader:
     Two ways in: ``read(cid)`` (one blob, every copy tried: the precise error), and the
     bulk path every restore-point reader uses: ``rows_for`` (vectorised lookup),
     ``plan_runs`` (wanted blobs grouped by pack, in offset order, adjacent ones joined
-    into runs of at most ``RUN_MAX`` bytes) and ``read_run`` (one ranged load per run,
+    into runs of at most ``RUN_MAX`` bytes) and ``iter_run`` (one ranged load per run,
     then unseal, zstd and the keyed-id check of each blob; a blob that fails goes the
     ``read`` way, so a damaged copy with a good twin elsewhere still reads).
     """
@@ -265,10 +266,14 @@ class ChunkReader:
                     s = k
         return out
 
-    def iter_run(self, run: Run, cids: list[bytes], scratch: Scratch) -> Iterator[Decoded]:
-        """``read_run`` without an allocation per blob: each blob is unsealed and
-        decompressed into ``scratch`` (one per thread), so a value yielded is valid only
-        until the next one. Blobs that do not fit, or fail, go the ``read_run`` way."""
+    def iter_run(self, run: Run, cids: list[bytes], scratch: Scratch, *, own: bool = False
+                 ) -> Iterator[Decoded]:
+        """Decode every blob of ``run`` (``cids[j]`` is the id of ``run.rows[j]``) after
+        one ranged load: unsealed into ``scratch`` (one per thread) and, unless ``own``,
+        decompressed into it too, so a value yielded is valid only until the next one
+        (no allocation per blob). With ``own`` every value is a ``bytes`` of its own
+        (for a cache). A blob that fails goes the ``read`` way: every copy tried, and
+        the error that names the fault is yielded in its place."""
         cols = self._columns()
         pack = self.index.packs[run.pack].hex()
         n = run.end - run.start
@@ -290,7 +295,7 @@ class ChunkReader:
                     data = self._decode_into(
                         buf[o : o + int(cols.stored_len[row])], scratch, pack=pack, off=off,
                         btype=int(cols.type[row]), cid=cid, codec=int(cols.codec[row]),
-                        raw_len=raw_len, sealer=sealer,
+                        raw_len=raw_len, sealer=sealer, own=own,
                     )
                 except (CorruptionError, zstandard.ZstdError):
                     data = None
@@ -300,12 +305,15 @@ class ChunkReader:
 
     def _decode_into(
         self, stored: memoryview, scratch: Scratch, *, pack: str, off: int, btype: int,
-        cid: bytes, codec: int, raw_len: int, sealer: PlainSealer,
-    ) -> memoryview:
+        cid: bytes, codec: int, raw_len: int, sealer: PlainSealer, own: bool,
+    ) -> bytes | memoryview:
         plain = memoryview(sealer.open_blob_into(stored, scratch.plain, pack=pack, offset=off,
                                                  btype=btype, cid=cid, codec=codec))
         kind = codec & 0x0F
-        if kind == CODEC_ZSTD:
+        data: bytes | memoryview
+        if kind == CODEC_ZSTD and own:
+            data = decode(kind, plain, raw_len)
+        elif kind == CODEC_ZSTD:
             if zstandard.frame_content_size(plain) != raw_len:
                 raise CorruptionError(f"blob {cid.hex()} decodes to another length")
             dst = memoryview(scratch.raw)[:raw_len]
@@ -323,7 +331,7 @@ class ChunkReader:
         elif kind == CODEC_RAW:
             if plain.nbytes != raw_len:
                 raise CorruptionError(f"blob {cid.hex()} is {plain.nbytes} bytes, not {raw_len}")
-            data = plain
+            data = bytes(plain) if own else plain
         else:
             raise CorruptionError(f"unknown blob codec {kind}")
         if chunk_id(self.seed, data) != cid:
@@ -337,45 +345,6 @@ class ChunkReader:
             return e
         except RepositoryError as e:
             return CorruptionError(str(e))
-
-    def read_run(self, run: Run, cids: list[bytes]) -> list[Decoded]:
-        """Decode every blob of ``run`` (``cids[j]`` is the id of ``run.rows[j]``)."""
-        cols = self._columns()
-        pack = self.index.packs[run.pack].hex()
-        n = run.end - run.start
-        buf: memoryview | None = None
-        try:
-            got = self.backend.load("data", pack, run.start, n)
-            if len(got) == n:
-                buf = memoryview(got)
-        except RepositoryError:
-            buf = None
-        sealer = self.sealer
-        out: list[Decoded] = []
-        for row, cid in zip(run.rows, cids, strict=True):
-            data: Decoded | None = None
-            if buf is not None:
-                off = int(cols.offset[row])
-                codec = int(cols.codec[row])
-                btype = int(cols.type[row])
-                o = off - run.start
-
-                def unseal(b: bytes | memoryview, off: int = off, btype: int = btype,
-                           cid: bytes = cid, codec: int = codec) -> bytes | memoryview:
-                    return sealer.open_blob(b, pack=pack, offset=off, btype=btype, cid=cid,
-                                            codec=codec)
-
-                try:
-                    data = check_blob(
-                        buf[o : o + int(cols.stored_len[row])], cid=cid, codec=codec,
-                        raw_len=int(cols.raw_len[row]), seed=self.seed, unseal=unseal,
-                    )
-                except CorruptionError:
-                    data = None
-            if data is None:
-                data = self._read_or_error(cid)
-            out.append(data)
-        return out
 
     # -- one blob --------------------------------------------------------------------------
 
