@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -92,17 +93,43 @@ def prepare(work: Path, size: int, tree: list[str], encryption: str) -> dict[str
     return st
 
 
-def timed(cmd: list[str], **kw: Any) -> float:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for t in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{t}/children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def timed(cmd: list[str], server: int | None = None, **kw: Any) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command plus of ``server``'s process tree)."""
+    c0, s0 = _children_cpu(), tree_cpu(server) if server else 0.0
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     dt = time.perf_counter() - t0
+    cpu = _children_cpu() - c0 + ((tree_cpu(server) - s0) if server else 0.0)
     if r.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {r.stderr.strip()[-400:]}")
-    return dt
+    return dt, cpu
 
 
 @contextmanager
-def serving(repo: str, bid: str) -> Iterator[str]:
+def serving(repo: str, bid: str) -> Iterator[tuple[str, int]]:
     d = Path(tempfile.mkdtemp(prefix="rrs-"))
     proc = subprocess.Popen([sf_exe(), "serve", bid, "--repo", repo, "--socket",
                              str(d / "s.sock"), "--json"], stdout=subprocess.PIPE,
@@ -121,7 +148,7 @@ def serving(repo: str, bid: str) -> Iterator[str]:
                 break
             except json.JSONDecodeError:
                 continue
-        yield str(info["uri"])
+        yield str(info["uri"]), proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
@@ -129,11 +156,11 @@ def serving(repo: str, bid: str) -> Iterator[str]:
 
 
 @contextmanager
-def qemu_nbd_raw(image: Path) -> Iterator[str]:
+def qemu_nbd_served(image: Path, fmt: str) -> Iterator[tuple[str, int]]:
     d = Path(tempfile.mkdtemp(prefix="rrq-"))
     sock = d / "q.sock"
     proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", f"--socket={sock}", "-f",
-                             "raw", str(image)], stdout=subprocess.DEVNULL,
+                             fmt, str(image)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for _ in range(600):
@@ -141,7 +168,7 @@ def qemu_nbd_raw(image: Path) -> Iterator[str]:
                 break
             time.sleep(0.05)
         time.sleep(0.1)
-        yield nbd_uri(sock)
+        yield nbd_uri(sock), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -166,48 +193,50 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "out.raw"
     nbd_out = work / "nbdcopy.raw"
     times: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
     load0 = os.getloadavg()
 
-    def add(k: str, v: float) -> None:
-        times.setdefault(k, []).append(v)
+    def add(k: str, v: tuple[float, float]) -> None:
+        times.setdefault(k, []).append(v[0])
+        cpus.setdefault(k, []).append(v[1])
 
-    qsock = Path(tempfile.mkdtemp(prefix="rrc-"))
-    try:
-        with qemu_nbd(work / "changed.qcow2", qsock / "c.sock") as chg:
-            run(["nbdcopy", chg, "null:"])  # warm the page cache
+    with qemu_nbd_served(work / "changed.qcow2", "qcow2") as (chg, qpid):
+        run(["nbdcopy", chg, "null:"])  # warm the page cache
+        for _ in range(a.repeat):
+            out.unlink(missing_ok=True)
+            add("restore", timed([sf_exe(), "restore", "--repo", st["repo"], st["incr"],
+                                  "--to", str(out), "--format", "raw"], env=env()))
+            nbd_out.unlink(missing_ok=True)
+            add("nbdcopy_file", timed(["nbdcopy", chg, str(nbd_out)], qpid))
+            nbd_out.unlink(missing_ok=True)
+            add("nbdcopy_file_flush", timed(["nbdcopy", "--flush", chg, str(nbd_out)], qpid))
+    same = subprocess.run(["cmp", str(out), str(work / "changed.raw")]).returncode == 0
+    nbd_out.unlink(missing_ok=True)
+    if not a.skip_serve:
+        with serving(st["repo"], st["incr"]) as (sv, spid), \
+                qemu_nbd_served(out, "raw") as (qr, rpid):
+            run(["nbdcopy", qr, "null:"])
             for _ in range(a.repeat):
-                out.unlink(missing_ok=True)
-                add("restore", timed([sf_exe(), "restore", "--repo", st["repo"], st["incr"],
-                                      "--to", str(out), "--format", "raw"], env=env()))
-                nbd_out.unlink(missing_ok=True)
-                add("nbdcopy_file", timed(["nbdcopy", chg, str(nbd_out)]))
-                nbd_out.unlink(missing_ok=True)
-                add("nbdcopy_file_flush", timed(["nbdcopy", "--flush", chg, str(nbd_out)]))
-        same = subprocess.run(["cmp", str(out), str(work / "changed.raw")]).returncode == 0
-        nbd_out.unlink(missing_ok=True)
-        if not a.skip_serve:
-            with serving(st["repo"], st["incr"]) as sv, qemu_nbd_raw(out) as qr:
-                run(["nbdcopy", qr, "null:"])
-                for _ in range(a.repeat):
-                    for c in ("1", "4"):
-                        add(f"serve_c{c}", timed(["nbdcopy", "-C", c, sv, "null:"]))
-                        add(f"qemu_raw_c{c}", timed(["nbdcopy", "-C", c, qr, "null:"]))
-    finally:
-        shutil.rmtree(qsock, ignore_errors=True)
+                for c in ("1", "4"):
+                    add(f"serve_c{c}", timed(["nbdcopy", "-C", c, sv, "null:"], spid))
+                    add(f"qemu_raw_c{c}", timed(["nbdcopy", "-C", c, qr, "null:"], rpid))
     load1 = os.getloadavg()
     best = {k: min(v) for k, v in times.items()}
+    cpu = {k: min(v) for k, v in cpus.items()}
     ratios = {
         "restore_vs_nbdcopy_file": best["nbdcopy_file"] / best["restore"],
         "restore_vs_nbdcopy_file_flush": best["nbdcopy_file_flush"] / best["restore"],
+        "restore_cpu_vs_nbdcopy_file_flush_cpu": cpu["restore"] / cpu["nbdcopy_file_flush"],
     }
     if not a.skip_serve:
         for c in ("1", "4"):
             ratios[f"serve_vs_qemu_nbd_c{c}"] = best[f"qemu_raw_c{c}"] / best[f"serve_c{c}"]
+            ratios[f"serve_cpu_vs_qemu_nbd_cpu_c{c}"] = cpu[f"serve_c{c}"] / cpu[f"qemu_raw_c{c}"]
     res = {"settings": vars(a) | {"workdir": str(work), "out": str(a.out)}, "state": st,
-           "times": times, "best": best, "ratios": ratios, "cmp_ok": same,
-           "load_before": load0, "load_after": load1, "nproc": os.cpu_count()}
+           "times": times, "cpu": cpus, "best": best, "best_cpu": cpu, "ratios": ratios,
+           "cmp_ok": same, "load_before": load0, "load_after": load1, "nproc": os.cpu_count()}
     for k, v in sorted(best.items()):
-        print(f"{k:22s} {v:7.2f} s  {size / v / 1e9:5.2f} GB/s virt  (runs: "
+        print(f"{k:20s} {v:6.2f} s {size / v / 1e9:5.2f} GB/s virt, cpu {cpu[k]:5.2f} s  (runs: "
               + ", ".join(f"{x:.2f}" for x in times[k]) + ")")
     for k, v in ratios.items():
         print(f"{k:32s} {v:.2f}x")
