@@ -285,7 +285,23 @@ class RestorePointSource:
         first, last = offset // cs, (offset + total - 1) // cs
         ids, nz = self._ids(first, last + 1)
         self._follow(offset, total, last)
-        got = self._get(first, ids, nz) if nz.any() else {}
+        got: dict[bytes, bytes | memoryview] = {}
+        if nz.any():
+            # fast path: every chunk already decoded (a sequential reader behind its
+            # read-ahead); else the full path (claims, waits, decodes)
+            cids = [ids[k].tobytes() for k in np.flatnonzero(nz).tolist()]
+            with self._lock:
+                cache = self._cache
+                for cid in cids:
+                    hit = cache.get(cid)
+                    if hit is None:
+                        break
+                    cache.move_to_end(cid)
+                    got[cid] = hit
+                else:
+                    self.cache_hits += len(got)
+            if len(got) < len(set(cids)):
+                got = self._get(first, ids, nz)
         pos = 0
         for k, i in enumerate(range(first, last + 1)):
             c_off = i * cs
