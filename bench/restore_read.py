@@ -10,7 +10,8 @@ repository (encrypted, as ``init`` makes by default; ``--encryption none`` for p
 holding a full backup of the base and an incremental of the changed image. Timed, in
 alternation, ``--repeat`` times (the best of each is reported, ratios from the bests):
 
-* ``snapferry restore INCR --to out.raw`` (the CLI, fdatasync included);
+* ``snapferry restore INCR --to out.raw`` (the CLI, fdatasync included), and with
+  ``--baseline DIR`` the same command of the snapferry package in DIR (an older one);
 * ``nbdcopy`` from ``qemu-nbd`` (the changed qcow2) to a file, without and with
   ``--flush`` (nbdcopy does not sync the file unless asked; restore does);
 * ``nbdcopy -C 1`` and ``-C 4`` of ``snapferry serve INCR`` to ``null:``, against the
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--skip-serve", action="store_true", help="restore rows only")
     ap.add_argument("--out", type=Path, help="JSON of every timing")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also time the restore of the snapferry package found in DIR "
+                         "(PYTHONPATH=DIR), e.g. an older version, in the same rounds")
     a = ap.parse_args(argv)
     tree = [t for t in a.tree.split(",") if t]
     st = prepare(a.workdir, parse_size(a.size), tree, a.encryption)
@@ -204,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         run(["nbdcopy", chg, "null:"])  # warm the page cache
         for _ in range(a.repeat):
             out.unlink(missing_ok=True)
-            add("restore", timed([sf_exe(), "restore", "--repo", st["repo"], st["incr"],
-                                  "--to", str(out), "--format", "raw"], env=env()))
+            rst = ["restore", "--repo", st["repo"], st["incr"], "--to", str(out), "--format",
+                   "raw"]
+            add("restore", timed([sys.executable, "-m", "snapferry.cli", *rst], env=env()))
+            if a.baseline:  # another snapferry's restore, same run (PYTHONPATH=DIR)
+                out.unlink(missing_ok=True)
+                add("restore_baseline", timed([sys.executable, "-m", "snapferry.cli", *rst],
+                                              env=env() | {"PYTHONPATH": str(a.baseline)}))
             nbd_out.unlink(missing_ok=True)
             add("nbdcopy_file", timed(["nbdcopy", chg, str(nbd_out)], qpid))
             nbd_out.unlink(missing_ok=True)
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         "restore_vs_nbdcopy_file_flush": best["nbdcopy_file_flush"] / best["restore"],
         "restore_cpu_vs_nbdcopy_file_flush_cpu": cpu["restore"] / cpu["nbdcopy_file_flush"],
     }
+    if a.baseline:
+        ratios["restore_vs_baseline_restore"] = best["restore_baseline"] / best["restore"]
+        ratios["restore_cpu_vs_baseline_cpu"] = cpu["restore"] / cpu["restore_baseline"]
     if not a.skip_serve:
         for c in ("1", "4"):
             ratios[f"serve_vs_qemu_nbd_c{c}"] = best[f"qemu_raw_c{c}"] / best[f"serve_c{c}"]
