@@ -58,6 +58,8 @@ TASK_BYTES = 2 << 20
 """Raw bytes decoded by one pool task (two threads share a read-ahead window)."""
 COPY_WINDOW_PAGES = 16
 """Index pages ``copy_to`` plans at once: a chunk used in two windows is read twice."""
+DISK_ORDER = True
+"""``copy_to`` writes a window's runs in disk order (False: pack order)."""
 _IN_FLIGHT_PER_WORKER = 2
 _ZEROS = memoryview(bytes(4 << 20))
 
@@ -603,6 +605,12 @@ class RestorePointSource:
                 batch: list[tuple[Run, list[bytes], list[np.ndarray]]] = []
                 size = 0
                 runs = reader.plan_runs(rows)
+                if DISK_ORDER:
+                    # runs by where on the disk they land first (u is sorted by id, so
+                    # ``first`` is each id's first use): the target is written roughly
+                    # front to back, as the packs of a backup were, not in pack-name order
+                    at = first.tolist()
+                    runs.sort(key=lambda r: min(at[j] for j in r.items))
                 runs += [_missing_run(j) for j in np.flatnonzero(rows < 0).tolist()]
                 for run in runs:
                     batch.append((run, [cids[j] for j in run.items],
