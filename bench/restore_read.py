@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"restored image identical: {same}; load average {load0[0]:.1f} before, "
           f"{load1[0]:.1f} after ({os.cpu_count()} cores)")
     if a.out:
-        a.out.write_text(json.dumps(res, indent=2))
+        a.out.write_text(json.dumps(res, indent=2, default=str))
     return 0 if same else 1
 
 
