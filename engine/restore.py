@@ -1,11 +1,13 @@
 """Turn a restore point back into a disk image (raw, sparse; or qcow2 via qemu-img).
 
 Restore needs only the repository: every restore point's paged index is complete, so
-no parent chain is walked. The disk's pages are streamed a window at a time; in each
-window every distinct chunk is read once through the ``ChunkReader`` (in pack order),
-decoded, proven by its keyed XXH3 id and ``pwrite``-n at every offset that uses it.
-Null entries and null pages stay holes (the file is ``ftruncate``-d to the virtual
-size). Decoding runs on a thread pool: zstd, reads and pwrite release the GIL.
+no parent chain is walked. It is a copy from the restore point's ``DiskSource``
+(``RestorePointSource.copy_to``, the one read path that ``serve``, ``instant`` and
+``files`` use too): per window of index pages every distinct chunk is read once in pack
+order (adjacent blobs in one ranged read), unsealed, decompressed, proven by its keyed
+XXH3 id and ``pwrite``-n at every offset that uses it, by a pool of threads (zstd,
+AES-GCM, reads and pwrite release the GIL). Null entries and null pages stay holes
+(the file is ``ftruncate``-d to the virtual size).
 """
 
 from __future__ import annotations
@@ -19,27 +21,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from snapferry.engine.errors import CorruptionError, RepositoryError, SnapferryError, UsageError
+from snapferry.engine.errors import SnapferryError, UsageError
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.store.blobs import check_blob
-from snapferry.engine.store.chunks import ChunkReader
+from snapferry.engine.sources.restore_point import RestorePointSource
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import Manifest
 from snapferry.engine.store.repo import Repository
 
 RestoreFormat = Literal["raw", "qcow2"]
-_IN_FLIGHT_PER_WORKER = 2  # batches queued per thread
-BATCH_BYTES = 4 << 20
-"""Chunks handed to a decode thread at once (4 MiB: 64 chunks of 64 KiB, 4 of 1 MiB)."""
 WRITEBACK_EVERY = 32 << 20
 """Start the kernel's write-out of the target every this many bytes written."""
 _SYNC_FILE_RANGE_WRITE = 2
@@ -123,204 +116,28 @@ def pick_disk(manifest: Manifest, disk: str | None) -> str:
     )
 
 
-WINDOW_PAGES = 16
-"""Pages grouped at once (16 x 4096 entries): a chunk used in two windows is read twice."""
+def open_source(
+    repo: Repository, backup_id: str, disk: str, manifest: Manifest
+) -> tuple[RestorePointSource, DiskIndex]:
+    """The restore point's disk as a ``RestorePointSource`` (and its paged index)."""
+    reader = repo.reader()
+    index = repo.load_index(backup_id, disk, manifest, reader=reader)
+    return RestorePointSource(index, reader, name=f"restore point {backup_id}, disk {disk}",
+                              readahead_bytes=0), index
 
 
-def _groups(ids: np.ndarray, base: int) -> list[tuple[bytes, np.ndarray]]:
-    """(chunk id, chunk numbers using it) for the non-null entries of ``ids`` (chunk
-    numbers start at ``base``)."""
-    nz = np.flatnonzero(ids.any(axis=1))
-    if nz.size == 0:
-        return []
-    rows = np.ascontiguousarray(ids[nz]).view(np.dtype((np.void, 16))).ravel()
-    u, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    positions = nz[np.argsort(inverse.ravel(), kind="stable")] + base
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    return [
-        (bytes(u[k]), positions[starts[k] : starts[k] + counts[k]]) for k in range(len(u))
-    ]
-
-
-def _windows(index: DiskIndex) -> Iterator[tuple[int, np.ndarray]]:
-    """(first chunk number, ids) of consecutive non-null pages, ``WINDOW_PAGES`` at most."""
-    buf: list[np.ndarray] = []
-    start = -1
-    nxt = -1
-    for p, arr in index.iter_pages():
-        first = p * index.page_entries
-        if arr is None or (buf and (first != nxt or len(buf) >= WINDOW_PAGES)):
-            if buf:
-                yield start, np.concatenate(buf)
-                buf = []
-            if arr is None:
-                continue
-        if not buf:
-            start = first
-        buf.append(arr)
-        nxt = first + len(arr)
-    if buf:
-        yield start, np.concatenate(buf)
-
-
-Group = tuple[bytes, np.ndarray, int]
-"""(chunk id, chunk numbers using it, chunk-index row of the copy to read or -1)."""
-MAX_COALESCE = 8 << 20
-"""Adjacent blobs of one pack are read with one ranged read of at most this many bytes."""
-
-
-def _ordered(reader: ChunkReader, groups: list[tuple[bytes, np.ndarray]]) -> list[Group]:
-    """The groups in pack order (sequential reads of each pack), with their rows."""
-    if not groups:
-        return []
-    ids = np.frombuffer(b"".join(g[0] for g in groups), dtype=np.uint8).reshape(-1, 16)
-    rows = reader.index.locations_for(ids)
-    t = reader.index.table
-    safe = np.maximum(rows, 0)
-    key_pack = np.where(rows >= 0, t["pack"][safe].astype(np.int64), -1)
-    key_off = np.where(rows >= 0, t["offset"][safe].astype(np.int64), 0)
-    order = np.lexsort((key_off, key_pack))
-    rl = rows.tolist()
-    return [(groups[i][0], groups[i][1], int(rl[i])) for i in order.tolist()]
-
-
-def _batches(groups: Iterator[Group], per: int) -> Iterator[list[Group]]:
-    batch: list[Group] = []
-    for g in groups:
-        batch.append(g)
-        if len(batch) >= per:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _write_chunks(
-    reader: ChunkReader,
-    index: DiskIndex,
-    fd: int,
-    workers: int,
-    progress: Progress,
-) -> tuple[int, int]:
-    """Read, check and pwrite every non-null chunk. Returns (distinct chunks, bytes).
-
-    Work goes to the threads in batches of about ``BATCH_BYTES`` (one task per chunk
-    cost more in futures and GIL hand-offs than the decoding of a 64 KiB chunk)."""
-    cs = index.chunk_size
-    vsize = index.virtual_size
-    written = 0
-    unique = 0
+def copy_into(src: RestorePointSource, fd: int, workers: int, progress: Progress
+              ) -> tuple[int, int]:
+    """Copy ``src`` into ``fd`` (holes stay holes), overlapping the target's write-out
+    with decoding. Returns (distinct chunks read, bytes written)."""
     wb = _Writeback(fd)
 
-    table = reader.index.table
-    packs = reader.index.packs
-
-    def one(cid: bytes, positions: np.ndarray, data: bytes | memoryview | None = None) -> int:
-        if data is None:
-            data = reader.read(cid)  # every copy tried; the error names the fault
-        mv = memoryview(data)
-        have = len(mv)
-        n = 0
-        for p in positions.tolist():
-            off = p * cs
-            want = min(cs, vsize - off)
-            if have != want and not (have > want and off + cs >= vsize):
-                raise CorruptionError(
-                    f"chunk {cid.hex()} is {have} bytes but chunk #{p} needs {want}"
-                )
-            buf = mv[:want]
-            while buf:
-                k = os.pwrite(fd, buf, off)
-                buf = buf[k:]
-                off += k
-            n += want
-        return n
-
-    def batch(items: list[Group]) -> int:
-        """Runs of adjacent blobs of one pack are read with one ranged read and checked
-        one by one (keyed id); anything that fails goes the slow way (``reader.read``:
-        other copies, the precise error)."""
-        n = 0
-        i = 0
-        while i < len(items):
-            row = items[i][2]
-            if row < 0:
-                n += one(items[i][0], items[i][1])
-                i += 1
-                continue
-            pack = int(table["pack"][row])
-            start = int(table["offset"][row])
-            end = start + int(table["stored_len"][row])
-            j = i + 1
-            while j < len(items):
-                r = items[j][2]
-                if r < 0 or int(table["pack"][r]) != pack or int(table["offset"][r]) != end:
-                    break
-                if end + int(table["stored_len"][r]) - start > MAX_COALESCE:
-                    break
-                end += int(table["stored_len"][r])
-                j += 1
-            if j - i == 1:
-                n += one(items[i][0], items[i][1])
-                i = j
-                continue
-            buf: memoryview | None = None
-            try:
-                got = reader.backend.load("data", packs[pack].hex(), start, end - start)
-                if len(got) == end - start:
-                    buf = memoryview(got)
-            except RepositoryError:
-                buf = None
-            for k in range(i, j):
-                cid, pos, r = items[k]
-                data: bytes | memoryview | None = None
-                if buf is not None:
-                    off = int(table["offset"][r]) - start
-                    try:
-                        data = check_blob(
-                            buf[off : off + int(table["stored_len"][r])], cid=cid,
-                            codec=int(table["codec"][r]), raw_len=int(table["raw_len"][r]),
-                            seed=reader.seed,
-                        )
-                    except CorruptionError:
-                        data = None
-                n += one(cid, pos, data)
-            i = j
-        return n
-
-    def done(n: int) -> None:
-        nonlocal written
-        written += n
+    def advance(n: int) -> None:
         wb.wrote(n)
         progress.advance(n)
 
-    def all_groups() -> Iterator[Group]:
-        nonlocal unique
-        for base, ids in _windows(index):
-            g = _ordered(reader, _groups(ids, base))
-            unique += len(g)
-            yield from g
-
-    batches = _batches(all_groups(), max(1, BATCH_BYTES // cs))
-    if workers <= 1:
-        for items in batches:
-            done(batch(items))
-        return unique, written
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="restore") as pool:
-        pending: deque[Future[int]] = deque()
-        limit = workers * _IN_FLIGHT_PER_WORKER
-        try:
-            for items in batches:
-                pending.append(pool.submit(batch, items))
-                if len(pending) >= limit:
-                    done(pending.popleft().result())
-            while pending:
-                done(pending.popleft().result())
-        finally:
-            for f in pending:
-                f.cancel()
-    return unique, written
+    res = src.copy_to(fd, workers=workers, advance=advance)
+    return res.unique_chunks, res.bytes_written
 
 
 def restore(
@@ -359,8 +176,7 @@ def restore(
     qemu_img = shutil.which("qemu-img")
     if fmt == "qcow2" and qemu_img is None:
         raise UsageError("qcow2 output needs qemu-img (install qemu-utils)")
-    reader = repo.reader()
-    index = repo.load_index(backup_id, name, manifest, reader=reader)
+    src, index = open_source(repo, backup_id, name, manifest)
     nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
 
     tmp_raw = to.with_name(f".{to.name}.{os.getpid()}.restore-raw")
@@ -377,7 +193,7 @@ def restore(
             ) from None
         try:
             os.ftruncate(fd, index.virtual_size)
-            unique, written = _write_chunks(reader, index, fd, nworkers, progress)
+            unique, written = copy_into(src, fd, nworkers, progress)
             if fmt == "raw":
                 os.fdatasync(fd)
         finally:
@@ -408,6 +224,7 @@ def restore(
             raise SnapferryError(f"disk full while writing the restore target {to}") from None
         raise SnapferryError(f"cannot write the restore target {to}: {e.strerror or e}") from None
     finally:
+        src.close()
         for p in cleanup:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)

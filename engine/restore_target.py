@@ -29,11 +29,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from snapferry.engine.errors import SnapferryError, UsageError
 from snapferry.engine.progress import NullProgress, Progress
-from snapferry.engine.restore import RestoreFormat, RestoreResult, _write_chunks, pick_disk
+from snapferry.engine.restore import (
+    RestoreFormat,
+    RestoreResult,
+    copy_into,
+    open_source,
+    pick_disk,
+)
 from snapferry.engine.store.repo import Repository
 
 FORMATS: tuple[RestoreFormat, ...] = ("raw", "qcow2")
@@ -180,7 +184,7 @@ def restore_to_device(
     t0 = time.monotonic()
     manifest = repo.load_manifest(backup_id)
     name = pick_disk(manifest, disk)
-    index = repo.load_index(backup_id, name, manifest)
+    src, index = open_source(repo, backup_id, name, manifest)
     nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
     try:
         fd = os.open(device, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
@@ -198,19 +202,15 @@ def restore_to_device(
                 f"block device {device} holds {size} bytes, less than the disk's "
                 f"{index.virtual_size}"
             )
-        cs = index.chunk_size
-        zero = np.concatenate(([False], ~index.nonzero_mask(), [False])).astype(np.int8)
-        edges = np.diff(zero)
-        for start, end in zip(
-            np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True
-        ):
-            off = start * cs
-            _zero_range(fd, off, min(index.virtual_size, end * cs) - off)
-        unique, written = _write_chunks(repo.reader(), index, fd, nworkers, progress)
+        for ext in src.extents():  # page by page: memory does not grow with the disk
+            if ext.zero:
+                _zero_range(fd, ext.offset, ext.length)
+        unique, written = copy_into(src, fd, nworkers, progress)
         os.fsync(fd)
     except OSError as e:
         raise SnapferryError(f"cannot write block device {device}: {e.strerror or e}") from None
     finally:
+        src.close()
         with contextlib.suppress(OSError):
             os.close(fd)
         progress.finish()

@@ -23,6 +23,8 @@ from conftest import run_cli
 from store_helpers import all_packs, backup_image, make_mixed_image
 
 import snapferry.engine.restore as restore_mod
+import snapferry.engine.sources.restore_point as restore_point_mod
+import snapferry.engine.store.chunks as chunks_mod
 from snapferry.engine.restore import restore
 from snapferry.engine.store import Repository
 from snapferry.engine.verify import verify_repo
@@ -189,7 +191,8 @@ def test_restore_with_frequent_writeback_is_identical(
             assert self.fn is not None, "sync_file_range is available on Linux"
 
     monkeypatch.setattr(restore_mod, "WRITEBACK_EVERY", 1)
-    monkeypatch.setattr(restore_mod, "BATCH_BYTES", 1)  # one chunk per batch
+    monkeypatch.setattr(restore_point_mod, "TASK_BYTES", 1)  # one run per task
+    monkeypatch.setattr(chunks_mod, "RUN_MAX", 1)  # one blob per run
     monkeypatch.setattr(restore_mod._Writeback, "wrote", counting)
     out = tmp_path / "out.raw"
     res = restore(repo, m.backup_id, to=out, workers=2)

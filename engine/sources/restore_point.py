@@ -1,53 +1,71 @@
-"""``RestorePointSource``: one disk of a restore point, read at random from the repository.
+"""``RestorePointSource``: one disk of a restore point, read from the repository.
 
 Every restore point's index is complete, so any byte of the disk is one index lookup
-and one chunk decode away; no chain is walked. This is the read path under
-``snapferry serve`` (NBD), instant boot, live restore and file-level restore.
+and one chunk decode away; no chain is walked. This is the one read path of restore
+points: ``restore`` (``copy_to``), ``snapferry serve`` (NBD), instant boot, live
+restore and file-level restore all read through it.
 
-Reads go through a small cache of decoded chunks (keyed by chunk id, so a chunk used at
-many offsets is decoded once) with read-ahead for sequential readers::
+How a read is served (``readinto``, random or sequential)::
 
-    request [off, off+len)      chunks touched: i0 .. i1        (zero chunk: memset)
-    sequential (off == last end, within a chunk)?  -> prefetch the next chunks
-    cache miss on a chunk another thread is decoding -> wait for that decode
+    chunks i0..i1 of the request -> their ids (index pages, LRU)    zero chunk: memset
+    ids not decoded yet -> one vectorised lookup in the chunk index
+        -> grouped by pack, in offset order, adjacent blobs joined into runs
+        -> one ranged load per run; unseal, zstd, keyed-id check per blob
+    sequential reader (up to ``STREAMS`` interleaved streams: NBD multi-conn)
+        -> the next windows are read ahead by the thread pool
+
+Decoded chunks sit in a cache keyed by chunk id (a chunk used at many offsets is
+decoded once), bounded in bytes; a chunk another thread is decoding is waited for,
+never decoded twice. ``copy_to`` (restore) walks the disk a window of index pages at a
+time, reads every distinct chunk of the window once in pack order through the same
+runs, and writes it at every offset that uses it (no cache: each is needed once).
+
+Memory: ``cache_bytes`` of decoded chunks, ``readahead_bytes`` per stream in flight,
+``PAGE_CACHE`` index pages; nothing grows with the disk's virtual size.
 
 Zero chunks (``NULL_ID``) are holes: ``extents()`` reports them ``zero=True``, reads
 fill zeros without touching the store. A corrupt or missing chunk raises
 ``CorruptionError`` naming the chunk number, offset and id; it is never cached, so a
 later read retries (and fails the same way) and nothing else is affected.
-
-The repository is reached through two small protocols: ``IdPages`` (the paged disk
-index of format 2, ``DiskIndex``: only the pages a read touches are loaded, kept in a
-small LRU) and ``ChunkReader`` (``Repository.reader()``: chunk index lookup, pack
-range read, zstd, id check).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from snapferry.engine.errors import CorruptionError, RepositoryError, SourceError
 from snapferry.engine.source import Extent
+from snapferry.engine.store.chunks import Scratch
 
-DEFAULT_CACHE_BYTES = 32 << 20
-DEFAULT_READAHEAD_BYTES = 4 << 20
-_PREFETCH_THREADS = 2
+if TYPE_CHECKING:
+    from snapferry.engine.store.chunks import ChunkReader, Decoded, Run
+    from snapferry.engine.store.repo import Repository
+
+DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_READAHEAD_BYTES = 8 << 20
+STREAMS = 8
+"""Sequential streams followed at once (nbdcopy's connections each read their own)."""
+TASK_BYTES = 2 << 20
+"""Raw bytes decoded by one pool task (two threads share a read-ahead window)."""
+COPY_WINDOW_PAGES = 16
+"""Index pages ``copy_to`` plans at once: a chunk used in two windows is read twice."""
+DISK_ORDER = True
+"""``copy_to`` writes a window's runs in disk order (False: pack order)."""
+_IN_FLIGHT_PER_WORKER = 2
 _ZEROS = memoryview(bytes(4 << 20))
 
 
-class ChunkReader(Protocol):
-    """Decoded, checked chunk data by id (the repository's read side)."""
-
-    def read(self, cid: bytes) -> bytes | memoryview: ...
+def default_threads() -> int:
+    return max(2, min(os.cpu_count() or 1, 4))
 
 
 class IdPages(Protocol):
@@ -77,8 +95,22 @@ class RestorePointSpec:
         return RestorePointSource.open(self.repo, self.backup_id, self.disk)
 
 
-
 _Page = tuple[np.ndarray, np.ndarray]  # (ids (n, 16) uint8, nonzero mask (n,) bool)
+_Result = dict[bytes, "Decoded"]
+
+
+class _Stream:
+    __slots__ = ("end", "fetched")
+
+    def __init__(self, end: int, fetched: int) -> None:
+        self.end = end  # byte offset where the stream's last read ended
+        self.fetched = fetched  # chunks before this one are read or being read ahead
+
+
+@dataclass(slots=True)
+class CopyResult:
+    unique_chunks: int  # distinct chunks decoded (per window)
+    bytes_written: int
 
 
 class RestorePointSource:
@@ -86,7 +118,6 @@ class RestorePointSource:
 
     Thread-safe: ``readinto`` may be called from many threads at once (the NBD server
     runs connections in parallel); they share the chunk cache and the page cache.
-    Memory: at most ``cache_bytes`` of decoded chunks plus ``PAGE_CACHE`` index pages.
     """
 
     PAGE_CACHE = 64
@@ -100,6 +131,7 @@ class RestorePointSource:
         spec: RestorePointSpec | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+        threads: int = 0,
     ) -> None:
         self._index = index
         self._pe = index.page_entries
@@ -110,15 +142,19 @@ class RestorePointSource:
         self._name = name
         self._spec = spec
         self._pages: OrderedDict[int, _Page | None] = OrderedDict()
-        self._cache: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
-        self._cache_max = max(2, cache_bytes // self._cs)
-        self._inflight: dict[bytes, Future[bytes | memoryview]] = {}
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cached = 0
+        self._cache_max = max(2 * self._cs, cache_bytes)
+        self._inflight: dict[bytes, Future[_Result]] = {}
         self._lock = threading.Lock()
         self._page_lock = threading.Lock()
         self._readahead = max(0, readahead_bytes // self._cs)
-        self._last_end = -1
-        self._prefetched_to = 0
+        self._streams: deque[_Stream] = deque()
+        self._threads = threads if threads > 0 else default_threads()
+        self._task_chunks = max(1, TASK_BYTES // self._cs)
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._local = threading.local()  # per-thread decode buffers
         self.chunk_reads = 0  # chunks decoded (for tests and figures)
         self.cache_hits = 0  # chunks found decoded or being decoded
         self.foreground_loads = 0  # chunks a read had to decode itself
@@ -126,7 +162,7 @@ class RestorePointSource:
     @classmethod
     def open(
         cls,
-        repo: Any,
+        repo: Repository | str | Path,
         backup_id: str,
         disk: str | None = None,
         **kw: Any,
@@ -168,13 +204,24 @@ class RestorePointSource:
                 self._pages.popitem(last=False)
         return got
 
-    def _cid(self, i: int) -> bytes | None:
-        """The id of chunk ``i``, or None for a zero chunk."""
-        pg = self._page(i // self._pe)
-        if pg is None:
-            return None
-        k = i % self._pe
-        return pg[0][k].tobytes() if pg[1][k] else None
+    def _ids(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, nonzero mask) of chunks ``[a, b)``."""
+        pe = self._pe
+        if a // pe == (b - 1) // pe:  # one page: views, no copy
+            p = a // pe
+            pg = self._page(p)
+            if pg is None:
+                return np.zeros((b - a, 16), dtype=np.uint8), np.zeros(b - a, dtype=bool)
+            return pg[0][a - p * pe : b - p * pe], pg[1][a - p * pe : b - p * pe]
+        ids = np.zeros((b - a, 16), dtype=np.uint8)
+        nz = np.zeros(b - a, dtype=bool)
+        for p in range(a // pe, (b - 1) // pe + 1):
+            lo, hi = max(a, p * pe), min(b, (p + 1) * pe)
+            pg = self._page(p)
+            if pg is not None:
+                ids[lo - a : hi - a] = pg[0][lo - p * pe : hi - p * pe]
+                nz[lo - a : hi - a] = pg[1][lo - p * pe : hi - p * pe]
+        return ids, nz
 
     # -- DiskSource ------------------------------------------------------------------
     @property
@@ -184,6 +231,11 @@ class RestorePointSource:
     @property
     def chunk_size(self) -> int:
         return self._cs
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded chunks held in the cache now (at most ``cache_bytes``)."""
+        return self._cached
 
     def extents(
         self, offset: int = 0, length: int | None = None, *, dirty: bool = False
@@ -233,19 +285,35 @@ class RestorePointSource:
             return
         cs = self._cs
         first, last = offset // cs, (offset + total - 1) // cs
-        self._maybe_prefetch(offset, total, last)
+        ids, nz = self._ids(first, last + 1)
+        self._follow(offset, total, last)
+        got: dict[bytes, bytes | memoryview] = {}
+        if nz.any():
+            # fast path: every chunk already decoded (a sequential reader behind its
+            # read-ahead); else the full path (claims, waits, decodes)
+            cids = [ids[k].tobytes() for k in np.flatnonzero(nz).tolist()]
+            with self._lock:
+                cache = self._cache
+                for cid in cids:
+                    hit = cache.get(cid)
+                    if hit is None:
+                        break
+                    cache.move_to_end(cid)
+                    got[cid] = hit
+                else:
+                    self.cache_hits += len(got)
+            if len(got) < len(set(cids)):
+                got = self._get(first, ids, nz)
         pos = 0
-        for i in range(first, last + 1):
+        for k, i in enumerate(range(first, last + 1)):
             c_off = i * cs
             lo = max(offset, c_off) - c_off
             hi = min(offset + total, c_off + cs) - c_off
             n = hi - lo
-            cid = self._cid(i)
-            if cid is None:
+            if not nz[k]:
                 mv[pos : pos + n] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
             else:
-                data = self._chunk(i, cid)
-                mv[pos : pos + n] = memoryview(data)[lo:hi]
+                mv[pos : pos + n] = memoryview(got[ids[k].tobytes()])[lo:hi]
             pos += n
 
     def spec(self) -> RestorePointSpec:
@@ -263,11 +331,18 @@ class RestorePointSource:
         return d
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=False)
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._cache.clear()
+            self._cached = 0
+            for fut in self._inflight.values():  # cancelled read-ahead: nobody waits
+                if not fut.done():
+                    fut.cancel()
+            self._inflight.clear()
 
     def __enter__(self) -> RestorePointSource:
         return self
@@ -275,179 +350,357 @@ class RestorePointSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- chunks, cache, read-ahead -----------------------------------------------------
-    def _load(self, i: int, cid: bytes) -> bytes | memoryview:
-        cs = self._cs
-        want = min(cs, self._size - i * cs)
-        try:
-            data = self._reader.read(cid)
-        except RepositoryError as e:
-            raise CorruptionError(
-                f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is unreadable: {e}"
-            ) from None
+    # -- decoding through runs ----------------------------------------------------------
+    def _decode(self, cids: list[bytes], uids: np.ndarray) -> Iterator[tuple[Run, list[Decoded]]]:
+        """Read ``cids`` (ids also as the (k, 16) array ``uids``) run by run."""
+        reader = self._reader
+        rows = reader.rows_for(uids)
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            sc = self._local.scratch = Scratch(self._cs)
+        for run in reader.plan_runs(rows):
+            yield run, list(reader.iter_run(run, [cids[j] for j in run.items], sc, own=True))
+        for j in np.flatnonzero(rows < 0).tolist():  # no usable copy in the index
+            yield _missing_run(j), [_read_one(reader, cids[j])]
+
+    def _check_len(self, i: int, cid: bytes, data: Decoded) -> Decoded:
+        if isinstance(data, CorruptionError):
+            return data
+        want = min(self._cs, self._size - i * self._cs)
         got = memoryview(data).nbytes
-        if got < want or (got > want and got != cs):
-            raise CorruptionError(
-                f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is "
-                f"{got} bytes, expected {want}"
-            )
-        self.chunk_reads += 1
+        if got < want or (got > want and got != self._cs):
+            return CorruptionError(f"is {got} bytes, expected {want}")
         return data
 
-    def _chunk(self, i: int, cid: bytes) -> bytes | memoryview:
-        with self._lock:
-            hit = self._cache.get(cid)
-            if hit is not None:
-                self._cache.move_to_end(cid)
-                self.cache_hits += 1
-                return hit
-            fut = self._inflight.get(cid)
-            owner = fut is None
-            if fut is None:
-                fut = self._inflight[cid] = Future()
-                self.foreground_loads += 1
-            else:
-                self.cache_hits += 1  # being decoded (read-ahead or another reader)
-        if not owner:
-            return fut.result()
-        return self._fill(i, cid, fut)
-
-    def _fill(self, i: int, cid: bytes, fut: Future[bytes | memoryview]) -> bytes | memoryview:
-        """Decode chunk ``i`` into ``fut`` (registered in ``_inflight`` by the caller)."""
+    def _fetch(self, cids: list[bytes], uids: np.ndarray, first_use: dict[bytes, int],
+               fut: Future[_Result]) -> _Result:
+        """Decode ``cids`` into the cache and ``fut`` (registered in ``_inflight``)."""
+        out: _Result = {}
         try:
-            data = self._load(i, cid)
+            for run, datas in self._decode(cids, uids):
+                for j, data in zip(run.items, datas, strict=True):
+                    cid = cids[j]
+                    d = self._check_len(first_use[cid], cid, data)
+                    if isinstance(d, memoryview):  # a slice of the run's buffer: own it
+                        d = bytes(d)
+                    out[cid] = d
         except BaseException as e:
             with self._lock:
-                self._inflight.pop(cid, None)
+                for cid in cids:
+                    self._inflight.pop(cid, None)
             fut.set_exception(e)
             raise
         with self._lock:
-            self._inflight.pop(cid, None)
-            self._cache[cid] = data
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
-        fut.set_result(data)
-        return data
+            for cid in cids:
+                self._inflight.pop(cid, None)
+                got = out.get(cid)
+                if not isinstance(got, bytes):
+                    continue  # a bad chunk is never cached
+                self.chunk_reads += 1
+                if cid not in self._cache:
+                    self._cache[cid] = got
+                    self._cached += len(got)
+            while self._cached > self._cache_max and len(self._cache) > 1:
+                _k, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+        fut.set_result(out)
+        return out
 
-    def _maybe_prefetch(self, offset: int, total: int, last: int) -> None:
-        """Sequential reader (this read starts where the previous one ended, give or
-        take a chunk: several connections interleave): decode the next chunks now.
-        Their futures are registered at once, so a reader that needs one of them
-        waits for it instead of decoding it a second time."""
+    def _claim(self, first: int, ids: np.ndarray, nz: np.ndarray, *, foreground: bool
+               ) -> tuple[_Result, list[Future[_Result]], list[bytes], np.ndarray,
+                          dict[bytes, int], Future[_Result] | None]:
+        """Split the nonzero chunks of ``ids`` (chunk ``first`` on) into: decoded
+        (cache hits), being decoded (futures) and claimed here (a new future)."""
+        where = np.flatnonzero(nz)
+        rows = np.ascontiguousarray(ids[where])
+        keys = rows.view(np.dtype((np.void, 16))).ravel()
+        uniq, idx = np.unique(keys, return_index=True)
+        hits: _Result = {}
+        waits: list[Future[_Result]] = []
+        mine: list[bytes] = []
+        mine_rows: list[int] = []
+        first_use: dict[bytes, int] = {}
+        fut: Future[_Result] | None = None
+        with self._lock:
+            for u, k in zip(uniq.tolist(), idx.tolist(), strict=True):
+                cid = bytes(u)
+                hit = self._cache.get(cid)
+                if hit is not None:
+                    self._cache.move_to_end(cid)
+                    if foreground:
+                        self.cache_hits += 1
+                        hits[cid] = hit
+                    continue
+                other = self._inflight.get(cid)
+                if other is not None:
+                    if foreground:
+                        self.cache_hits += 1
+                        waits.append(other)
+                    continue
+                mine.append(cid)
+                mine_rows.append(k)
+                first_use[cid] = first + int(where[k])
+            if mine:
+                fut = Future()
+                for cid in mine:
+                    self._inflight[cid] = fut
+                if foreground:
+                    self.foreground_loads += len(mine)
+        return hits, waits, mine, rows[mine_rows], first_use, fut
+
+    def _get(self, first: int, ids: np.ndarray, nz: np.ndarray
+             ) -> dict[bytes, bytes | memoryview]:
+        """Decoded data of every nonzero chunk of ``ids``; raises ``CorruptionError``."""
+        hits, waits, mine, uids, first_use, fut = self._claim(first, ids, nz, foreground=True)
+        out: _Result = dict(hits)
+        if fut is not None:
+            out.update(self._fetch(mine, uids, first_use, fut))
+        for w in waits:
+            out.update(w.result())
+        # only the ids asked for; report the first bad one (by chunk number)
+        ok: dict[bytes, bytes | memoryview] = {}
+        for k in np.flatnonzero(nz).tolist():
+            cid = ids[k].tobytes()
+            d = out.get(cid)
+            if isinstance(d, CorruptionError):
+                i = first + k
+                raise CorruptionError(
+                    f"{self._name}: chunk #{i} (offset {i * self._cs}, id {cid.hex()}) is "
+                    f"unreadable: {d}"
+                )
+            if d is None:  # a waited-for decode dropped it (closed): decode it here
+                return self._get_again(first, ids, nz)
+            ok[cid] = d
+        return ok
+
+    def _get_again(self, first: int, ids: np.ndarray, nz: np.ndarray
+                   ) -> dict[bytes, bytes | memoryview]:
+        if self._closed:
+            raise SourceError(f"{self._name} is closed")
+        return self._get(first, ids, nz)
+
+    # -- read-ahead -----------------------------------------------------------------------
+    def _follow(self, offset: int, total: int, last: int) -> None:
+        """Sequential reader (this read starts where one of the last ``STREAMS`` reads
+        ended, give or take a chunk): read ahead of it. A stream's first read does not."""
         if not self._readahead:
             return
         cs = self._cs
-        jobs: list[tuple[int, bytes, Future[bytes | memoryview]]] = []
+        end = offset + total
         with self._lock:
-            sequential = self._last_end >= 0 and abs(offset - self._last_end) <= cs
-            self._last_end = offset + total
-            if not sequential:
-                self._prefetched_to = last + 1
+            s = next((s for s in self._streams if abs(offset - s.end) <= cs), None)
+            if s is None:
+                if len(self._streams) >= STREAMS:
+                    self._streams.popleft()
+                self._streams.append(_Stream(end, last + 1))
                 return
-            start = max(last + 1, self._prefetched_to)
-            stop = min(self._n, last + 1 + self._readahead)
-            if start >= stop:
+            self._streams.remove(s)
+            self._streams.append(s)
+            s.end = end
+            start = max(s.fetched, last + 1)
+            target = min(self._n, last + 1 + self._readahead)
+            # top up in halves of the read-ahead: fewer, bigger tasks
+            if start >= target or (s.fetched > last + 1 and
+                                   s.fetched - (last + 1) > self._readahead // 2):
                 return
-            self._prefetched_to = stop
-        for j in range(start, stop):
-            cid = self._cid(j)
-            if cid is None:
-                continue
-            with self._lock:
-                if cid in self._cache or cid in self._inflight:
-                    continue
-                fut: Future[bytes | memoryview] = Future()
-                self._inflight[cid] = fut
-                jobs.append((j, cid, fut))
-        with self._lock:
-            if jobs and self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=_PREFETCH_THREADS, thread_name_prefix="readahead"
-                )
+            s.fetched = target
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads,
+                                                thread_name_prefix="readahead")
             pool = self._pool
-        for j, cid, fut in jobs:
-            assert pool is not None
-            pool.submit(self._prefetch_one, j, cid, fut)
+        step = self._task_chunks
+        for a in range(start, target, step):
+            # claimed here, before the task runs: a read that needs one of these chunks
+            # waits for it instead of decoding it a second time
+            try:
+                ids, nz = self._ids(a, min(target, a + step))
+            except CorruptionError:
+                return  # reported by the read that needs that page
+            if not nz.any():
+                continue
+            _h, _w, mine, uids, first_use, fut = self._claim(a, ids, nz, foreground=False)
+            if fut is not None:
+                try:
+                    pool.submit(self._prefetch, mine, uids, first_use, fut)
+                except RuntimeError:  # closed meanwhile
+                    self._drop(mine, fut)
+                    return
 
-    def _prefetch_one(self, i: int, cid: bytes, fut: Future[bytes | memoryview]) -> None:
+    def _prefetch(self, mine: list[bytes], uids: np.ndarray, first_use: dict[bytes, int],
+                  fut: Future[_Result]) -> None:
         try:
-            self._fill(i, cid, fut)
+            self._fetch(mine, uids, first_use, fut)
         except Exception:
             pass  # a bad chunk is reported by the read that needs it
 
+    def _drop(self, mine: list[bytes], fut: Future[_Result]) -> None:
+        with self._lock:
+            for cid in mine:
+                self._inflight.pop(cid, None)
+        fut.set_result({})
+
+    # -- restore: a copy of the whole disk ---------------------------------------------
+    def data_windows(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first chunk number, ids) of consecutive non-null pages,
+        ``COPY_WINDOW_PAGES`` at most."""
+        buf: list[np.ndarray] = []
+        start = nxt = -1
+        for p in range(self._index.page_count):
+            pg = self._page(p) if self._index_has(p) else None
+            first = p * self._pe
+            if pg is None or (buf and (first != nxt or len(buf) >= COPY_WINDOW_PAGES)):
+                if buf:
+                    yield start, buf[0] if len(buf) == 1 else np.concatenate(buf)
+                    buf = []
+                if pg is None:
+                    continue
+            if not buf:
+                start = first
+            buf.append(pg[0])
+            nxt = first + len(pg[0])
+        if buf:
+            yield start, buf[0] if len(buf) == 1 else np.concatenate(buf)
+
+    def _index_has(self, p: int) -> bool:
+        """False for a null page, known without loading anything."""
+        null = getattr(self._index, "is_null_page", None)
+        return True if null is None else not null(p)
+
+    def copy_to(
+        self,
+        fd: int,
+        *,
+        workers: int = 0,
+        advance: Callable[[int], None] | None = None,
+    ) -> CopyResult:
+        """Write every data chunk into ``fd`` at its offset (zero chunks are skipped:
+        the caller's file is sparse there, or was zeroed). Each window's distinct
+        chunks are read once, in pack order, and written at every offset that uses
+        them, by ``workers`` threads. ``advance(n)`` runs in the calling thread.
+        Raises ``CorruptionError`` (the first bad chunk met) or ``OSError``."""
+        nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
+        cs, vsize = self._cs, self._size
+        reader = self._reader
+        unique = 0
+        written = 0
+
+        def tasks() -> Iterator[list[tuple[Run, list[bytes], list[np.ndarray]]]]:
+            nonlocal unique
+            for base, ids in self.data_windows():
+                nz = np.flatnonzero(ids.any(axis=1))
+                if not nz.size:
+                    continue
+                keys = np.ascontiguousarray(ids[nz]).view(np.dtype((np.void, 16))).ravel()
+                u, first, inverse, counts = np.unique(keys, return_index=True,
+                                                      return_inverse=True, return_counts=True)
+                unique += len(u)
+                positions = nz[np.argsort(inverse.ravel(), kind="stable")] + base
+                starts = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
+                cl = counts.tolist()
+                cids = [bytes(x) for x in u.tolist()]
+                uids = np.ascontiguousarray(ids[nz[first]])
+                rows = reader.rows_for(uids)
+                batch: list[tuple[Run, list[bytes], list[np.ndarray]]] = []
+                size = 0
+                runs = reader.plan_runs(rows)
+                if DISK_ORDER:
+                    # runs by where on the disk they land first (u is sorted by id, so
+                    # ``first`` is each id's first use): the target is written roughly
+                    # front to back, as the packs of a backup were, not in pack-name order
+                    at = first.tolist()
+                    runs.sort(key=lambda r: min(at[j] for j in r.items))
+                runs += [_missing_run(j) for j in np.flatnonzero(rows < 0).tolist()]
+                for run in runs:
+                    batch.append((run, [cids[j] for j in run.items],
+                                  [positions[starts[j] : starts[j] + cl[j]] for j in run.items]))
+                    size += len(run.items) * cs
+                    if size >= TASK_BYTES:
+                        yield batch
+                        batch, size = [], 0
+                if batch:
+                    yield batch
+
+        local = threading.local()
+
+        def write(items: list[tuple[Run, list[bytes], list[np.ndarray]]]) -> int:
+            sc = getattr(local, "scratch", None)
+            if sc is None:
+                sc = local.scratch = Scratch(cs)
+            n = 0
+            for run, cids, poss in items:
+                datas = (reader.iter_run(run, cids, sc) if run.pack >= 0
+                         else iter([_read_one(reader, cids[0])]))
+                for cid, pos, data in zip(cids, poss, datas, strict=True):
+                    if isinstance(data, CorruptionError):
+                        i = int(pos[0])
+                        raise CorruptionError(
+                            f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is "
+                            f"unreadable: {data}"
+                        )
+                    mv = memoryview(data)
+                    have = mv.nbytes
+                    for p in pos.tolist():
+                        off = p * cs
+                        want = min(cs, vsize - off)
+                        if have != want and not (have > want and off + cs >= vsize):
+                            raise CorruptionError(
+                                f"{self._name}: chunk #{p} (offset {off}, id {cid.hex()}) "
+                                f"is {have} bytes, expected {want}"
+                            )
+                        b = mv[:want]
+                        while b:
+                            k = os.pwrite(fd, b, off)
+                            b = b[k:]
+                            off += k
+                        n += want
+            return n
+
+        def done(n: int) -> None:
+            nonlocal written
+            written += n
+            if advance is not None:
+                advance(n)
+
+        if nworkers <= 1:
+            for t in tasks():
+                done(write(t))
+            return CopyResult(unique, written)
+        with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="restore") as pool:
+            pending: deque[Future[int]] = deque()
+            limit = nworkers * _IN_FLIGHT_PER_WORKER
+            try:
+                for t in tasks():
+                    pending.append(pool.submit(write, t))
+                    if len(pending) >= limit:
+                        done(pending.popleft().result())
+                while pending:
+                    done(pending.popleft().result())
+            finally:
+                for f in pending:
+                    f.cancel()
+        return CopyResult(unique, written)
+
+
+def _missing_run(j: int) -> Run:
+    """A stand-in run for a chunk with no usable copy in the index (read one by one)."""
+    from snapferry.engine.store.chunks import Run
+
+    return Run(-1, 0, 0, [-1], [j])
+
+
+def _read_one(reader: ChunkReader, cid: bytes) -> Decoded:
+    try:
+        return reader.read(cid)
+    except CorruptionError as e:
+        return e
+    except RepositoryError as e:
+        return CorruptionError(str(e))
+
 
 def open_restore_point(
-    repo: Any, backup_id: str, disk: str | None = None, **kw: Any
+    repo: Repository | str | Path, backup_id: str, disk: str | None = None, **kw: Any
 ) -> RestorePointSource:
     """``RestorePointSource.open`` (a function for callers that hold a path)."""
-    if isinstance(repo, (str, Path)):
-        from snapferry.engine.store.repo import Repository
-
-        repo = Repository.open(repo)
     return RestorePointSource.open(repo, backup_id, disk, **kw)
-
-
-def copy_to_fd(
-    src: Any,
-    fd: int,
-    *,
-    workers: int = 2,
-    block: int = 4 << 20,
-    advance: Any = None,
-    wrote: Any = None,
-) -> int:
-    """Copy every data extent of the ``DiskSource`` ``src`` into the file ``fd`` at the
-    same offsets (zero extents are skipped: the caller's file is sparse there).
-
-    Blocks of ``block`` bytes (aligned to it) are read and ``pwrite``-n by ``workers``
-    threads, a bounded number in flight; ``advance(n)`` and ``wrote(n)`` are called in
-    the calling thread after each block. Returns the bytes written."""
-    from collections import deque
-
-    def ranges() -> Iterator[tuple[int, int]]:
-        for e in src.extents():
-            if e.zero:
-                continue
-            off = e.offset
-            while off < e.end:
-                n = min(e.end, (off // block + 1) * block) - off
-                yield off, n
-                off += n
-
-    def one(off: int, n: int) -> int:
-        buf = bytearray(n)
-        mv = memoryview(buf)
-        src.readinto(mv, off)
-        while mv:
-            k = os.pwrite(fd, mv, off)
-            mv = mv[k:]
-            off += k
-        return n
-
-    total = 0
-
-    def done(n: int) -> None:
-        nonlocal total
-        total += n
-        if advance is not None:
-            advance(n)
-        if wrote is not None:
-            wrote(n)
-
-    if workers <= 1:
-        for off, n in ranges():
-            done(one(off, n))
-        return total
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="copy") as pool:
-        pending: deque[Future[int]] = deque()
-        try:
-            for off, n in ranges():
-                pending.append(pool.submit(one, off, n))
-                if len(pending) >= 2 * workers:
-                    done(pending.popleft().result())
-            while pending:
-                done(pending.popleft().result())
-        finally:
-            for f in pending:
-                f.cancel()
-    return total

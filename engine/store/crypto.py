@@ -121,6 +121,16 @@ class PlainSealer:
         return stored
 
 
+    def open_blob_into(
+        self, stored: bytes | memoryview, out: bytearray, *, pack: str, offset: int,
+        btype: int, cid: bytes, codec: int,
+    ) -> bytes | memoryview:
+        """``open_blob``, writing into ``out`` when it can (no allocation per blob);
+        returns the plaintext (a view of ``out``, or of ``stored`` when not sealed)."""
+        return self.open_blob(stored, pack=pack, offset=offset, btype=btype, cid=cid,
+                              codec=codec)
+
+
 NO_SEALER = PlainSealer()
 
 
@@ -157,7 +167,10 @@ class Sealer(PlainSealer):
         if mv.nbytes < SEAL_OVERHEAD:
             raise CorruptionError(f"{what}: too short to be sealed")
         try:
-            return self._aead.decrypt(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad)
+            try:
+                return self._aead.decrypt(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad)
+            except TypeError:  # cryptography < 40 (Debian's, in nbdkit's Python): bytes only
+                return self._aead.decrypt(bytes(mv[:NONCE_SIZE]), bytes(mv[NONCE_SIZE:]), aad)
         except InvalidTag:
             raise CorruptionError(
                 f"{what}: authentication failed (tampered, moved or swapped ciphertext)"
@@ -180,6 +193,27 @@ class Sealer(PlainSealer):
             raise CorruptionError(f"blob {cid.hex()} is not sealed in an encrypted repository")
         aad = self._blob_aad(bytes.fromhex(pack), offset, btype, cid)
         return self._open(stored, aad, f"blob {cid.hex()} in pack {pack[:16]}")
+
+    def open_blob_into(
+        self, stored: bytes | memoryview, out: bytearray, *, pack: str, offset: int,
+        btype: int, cid: bytes, codec: int,
+    ) -> bytes | memoryview:
+        mv = memoryview(stored)
+        n = mv.nbytes - SEAL_OVERHEAD
+        into = getattr(self._aead, "decrypt_into", None)  # cryptography >= 45
+        if into is None or codec >> 4 != ENC_AES_GCM or n < 0 or n > len(out):
+            return self.open_blob(stored, pack=pack, offset=offset, btype=btype, cid=cid,
+                                  codec=codec)
+        aad = self._blob_aad(bytes.fromhex(pack), offset, btype, cid)
+        dst = memoryview(out)[:n]
+        try:
+            into(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad, dst)
+        except InvalidTag:
+            raise CorruptionError(
+                f"blob {cid.hex()} in pack {pack[:16]}: authentication failed (tampered, "
+                "moved or swapped ciphertext)"
+            ) from None
+        return dst
 
     def pack_tag(self, name: str, upto: bytes | bytearray | memoryview) -> bytes:
         """A pack's verification tag: over every byte before the footer's digest field."""

@@ -9,6 +9,7 @@ served by every source the project has:
 ``nbd-qemu-qcow2`` ``NbdSource`` with a dirty bitmap, ``qemu-nbd`` on a qcow2
 ``nbd-nbdkit``     ``NbdSource`` on ``nbdkit file``
 ``vddk``           ``VddkSource`` through the stand-in libvixDiskLib
+``restore-point``  ``RestorePointSource`` over a backup of the raw file
 =================  ==========================================================
 
 and each must pass the same tests: size, an allocation map that covers the asked range
@@ -108,7 +109,22 @@ def _need(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (not installed)")
 
 
-IMPLEMENTATIONS = ["file", "nbd-qemu", "nbd-qemu-qcow2", "nbd-nbdkit", "vddk"]
+IMPLEMENTATIONS = ["file", "nbd-qemu", "nbd-qemu-qcow2", "nbd-nbdkit", "vddk", "restore-point"]
+
+
+def _restore_point(tmp_path: Path) -> Case:
+    """The layout backed up (64 KiB chunks: its holes are whole zero chunks), then read
+    back from the repository."""
+    from store_helpers import backup_image
+
+    from snapferry.engine.sources.restore_point import RestorePointSource
+
+    raw = tmp_path / "d.raw"
+    data = write_layout(raw)
+    repo = Repository.init(tmp_path / "rp-repo", chunk_size=64 * K)
+    m = backup_image(repo, {"disk": raw})
+    raw.unlink()  # the data now lives in the repository only
+    return Case(RestorePointSource.open(tmp_path / "rp-repo", m.backup_id), data)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -136,6 +152,8 @@ def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Case]:
                                        snapshot_moref="snapshot-7", thumbprint="AA:BB",
                                        libdir=str(libdir))
             c = Case(VddkSource.open(params, VDDK_DISK), data)
+        elif kind == "restore-point":
+            c = _restore_point(tmp_path)
         else:
             c = _nbd(kind, tmp_path, servers)
         yield c
