@@ -6,6 +6,11 @@ Without ``--live-restore`` the command serves the VM's disks until SIGINT/SIGTER
 shuts the VM down (its writes stay in the overlays in the lab dir) and stops serving.
 With it, the disks are copied to DIR while the VM runs, the VM is switched onto them,
 serving stops and the command exits 0, leaving the VM running on local disks.
+
+If an earlier ``instant`` on the same lab dir was killed (SIGKILL, a crash), its VM and
+exports keep running; the same command again takes them over (see lab/instant.py) and
+says what it found: a copy still running is adopted (``--live-restore``) or cancelled,
+disks already switched onto their copies are finished.
 ``--json`` prints one JSON object per line per phase: ``booted``, then ``restored`` or
 ``stopped``.
 """
@@ -26,6 +31,7 @@ NAME = "instant"
 EXAMPLES = """
   snapferry instant latest:lab                              # boot the lab VM from it
   snapferry instant latest:lab --live-restore /var/lib/vm1  # ... and copy it back live
+  # after a crash of the above: the same command again takes its VM over and finishes
 """
 
 
@@ -86,12 +92,26 @@ def cmd_instant(args: argparse.Namespace) -> int:
         to_agent = time.monotonic() - t0
         info = inst.info()
         info["seconds_to_agent"] = round(to_agent, 3)
+        info["reattached"] = inst.reattach
+        info["notes"] = inst.notes
         if args.json:
             emit_line({"event": "booted", **info})
+        elif inst.reattach:
+            print(f"took over VM {inst.vm_name} (pid {info['pid']}, booted from "
+                  f"{args.backup_id}); QMP {info['qmp']}, agent {info['agent']}", flush=True)
         else:
             print(f"VM {inst.vm_name} booted from {args.backup_id} in {to_agent:.1f} s "
                   f"(guest agent answers); QMP {info['qmp']}, agent {info['agent']}",
                   flush=True)
+        if target is None and inst.all_local():
+            inst.finish_local()
+            if args.json:
+                emit_line({"event": "restored", **inst.info()})
+            else:
+                print("the VM already runs on its local disks; serving stopped", flush=True)
+            return 0
+        if target is None:
+            inst.cancel_adopted()
         try:
             if target is not None:
                 end = time.monotonic() + args.restore_delay

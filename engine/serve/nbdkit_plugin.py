@@ -10,6 +10,13 @@ parameters, in this order on nbdkit's command line:
     repo=PATH backup=ID disk=NAME
     cache=BYTES readahead=BYTES    (optional)
     model=serialize_requests|parallel   (optional, see thread_model)
+    lock=PURPOSE            (optional) hold the repository's shared lock role from
+                            ``get_ready`` to ``cleanup``, in this process: an export
+                            that outlives the process that started it (``instant``
+                            killed) still keeps prune from deleting what it serves
+
+``repo`` is a directory or an ``s3://BUCKET/PREFIX`` URL (endpoint and credentials come
+from the environment nbdkit inherits, as for any snapferry process).
 
 Connections run in parallel (zstd and the file reads release the GIL), each one's
 requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
@@ -37,13 +44,18 @@ MAX_EXTENTS = 4096  # per reply; clients ask again from where a reply ended
 
 _params: dict[str, str] = {}
 _source: Any = None
+_lock: Any = None
+_repo: Any = None
 _reported: set[int] = set()
 _report_lock = threading.Lock()
 
 
 def _log(msg: str) -> None:
-    sys.stderr.write(f"snapferry serve: {msg}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"snapferry serve: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # the process that read our stderr is gone (an orphaned instant export)
 
 
 def thread_model() -> int:
@@ -62,7 +74,7 @@ def config(key: str, value: str) -> None:
         for d in value.split(":"):
             if d and d not in sys.path:
                 site.addsitedir(d)
-    elif key in ("repo", "backup", "disk", "cache", "readahead", "model"):
+    elif key in ("repo", "backup", "disk", "cache", "readahead", "model", "lock"):
         _params[key] = value
     else:
         raise ValueError(f"unknown parameter {key!r}")
@@ -79,6 +91,7 @@ def get_ready() -> None:
     global _source
     try:
         from snapferry.engine.sources.restore_point import RestorePointSource
+        from snapferry.engine.store.repo import Repository
     except ImportError as e:
         _log(f"cannot import snapferry in nbdkit's Python {sys.version.split()[0]}: {e}")
         raise
@@ -87,18 +100,37 @@ def get_ready() -> None:
         kw["cache_bytes"] = int(_params["cache"])
     if "readahead" in _params:
         kw["readahead_bytes"] = int(_params["readahead"])
+    global _repo
     try:
-        _source = RestorePointSource.open(
-            _params["repo"], _params["backup"], _params["disk"], **kw
-        )
+        _repo = Repository.open(_params["repo"])
+        _source = RestorePointSource.open(_repo, _params["backup"], _params["disk"], **kw)
     except Exception as e:
         _log(str(e))
         raise
 
 
+def after_fork() -> None:
+    """Take the lock here, not in ``get_ready``: in background mode nbdkit forks after
+    ``get_ready`` and the lock must name the process that serves."""
+    global _lock
+    if "lock" not in _params:
+        return
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(_repo.lock(_params["lock"]))
+    except Exception as e:
+        _log(str(e))
+        raise
+    _lock = stack
+
+
 def cleanup() -> None:
     if _source is not None:
         _source.close()
+    if _lock is not None:
+        _lock.close()
 
 
 def open(readonly: bool) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapferry.engine.errors import SnapferryError, UsageError
+from snapferry.engine.procs import process_alive
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -43,7 +44,7 @@ class ServeError(SnapferryError):
 
 @dataclass(frozen=True)
 class ExportOptions:
-    repo: Path
+    repo: Path | str  # a directory or an s3://BUCKET/PREFIX URL
     backup_id: str
     disk: str | None = None
     socket: Path | None = None
@@ -52,6 +53,9 @@ class ExportOptions:
     threads: int = 8
     cache_bytes: int | None = None
     readahead_bytes: int | None = None
+    # False: nbdkit outlives this process (instant: a killed ``snapferry instant`` must
+    # not take its VM's disks away); nbdkit then holds the repository lock itself
+    exit_with_parent: bool = True
 
 
 @dataclass
@@ -180,6 +184,7 @@ class NbdkitExport:
         self._lines: deque[str] = deque(maxlen=20)
         self._ready = False
         self._fwd: threading.Thread | None = None
+        self._daemon: int | None = None
         from snapferry.engine.restore import pick_disk
         from snapferry.engine.store.repo import Repository
 
@@ -189,10 +194,8 @@ class NbdkitExport:
         index = repo.load_index(opts.backup_id, self.disk, manifest)
         self.size = index.virtual_size
         self.vm = manifest.vm
-        self.repo_path = repo.path.resolve()
-        self._repo = repo
-        self._locks = contextlib.ExitStack()
-        self._locked = False
+        loc = str(opts.repo)
+        self.repo_path = loc if loc.startswith("s3://") else str(Path(loc).resolve())
         self.nbdkit = check_tools()
 
     # -- addresses ------------------------------------------------------------------
@@ -204,17 +207,38 @@ class NbdkitExport:
         return f"nbd://{host}:{self.opts.port}/"
 
     def info(self) -> ExportInfo:
-        assert self.proc is not None
+        assert self.pid is not None
         return ExportInfo(
             backup_id=self.opts.backup_id, vm=self.vm, disk=self.disk, size=self.size,
             uri=self.uri, socket=str(self.opts.socket.resolve()) if self.opts.socket else None,
-            port=self.opts.port, pid=self.proc.pid,
+            port=self.opts.port, pid=self.pid,
         )
+
+    @property
+    def pidfile(self) -> Path | None:
+        """Detached mode (``exit_with_parent`` false): where nbdkit writes its pid."""
+        if self.opts.exit_with_parent or self.opts.socket is None:
+            return None
+        return self.opts.socket.absolute().with_name(self.opts.socket.name + ".pid")
+
+    @property
+    def pid(self) -> int | None:
+        """The serving nbdkit process (in detached mode the daemon, not the launcher)."""
+        if self.pidfile is None:
+            return self.proc.pid if self.proc is not None else None
+        return self._daemon
 
     def command(self) -> list[str]:
         o = self.opts
-        cmd = [self.nbdkit, "--foreground", "--readonly", "--exit-with-parent",
-               "--threads", str(o.threads)]
+        cmd = [self.nbdkit, "--readonly", "--threads", str(o.threads)]
+        if self.pidfile is not None:
+            # detached: nbdkit 1.32 sets PR_SET_PDEATHSIG even without
+            # --exit-with-parent when it runs in the foreground, so a process that must
+            # outlive us has to be nbdkit's own background child (it forks after
+            # listening; the pdeath signal is not inherited across that fork)
+            cmd += ["--log=stderr", "--pidfile", str(self.pidfile)]
+        else:
+            cmd += ["--foreground", "--exit-with-parent"]
         if o.socket is not None:
             cmd += ["--unix", str(o.socket.resolve())]
         else:
@@ -225,22 +249,28 @@ class NbdkitExport:
             cmd.append(f"cache={o.cache_bytes}")
         if o.readahead_bytes is not None:
             cmd.append(f"readahead={o.readahead_bytes}")
+        # the server's own shared lock: it stays held while nbdkit serves, whatever
+        # happens to this process
+        cmd.append(f"lock=serve {o.backup_id} (nbdkit)")
         return cmd
 
     # -- life cycle -----------------------------------------------------------------
     def start(self, timeout: float = READY_TIMEOUT) -> NbdkitExport:
         o = self.opts
+        self._daemon = None
         if o.socket is not None:
             check_socket_path(o.socket.absolute())
+            if self.pidfile is not None:
+                self.pidfile.unlink(missing_ok=True)
         else:
             assert o.port is not None
             check_port(o.host, o.port)
         env = dict(os.environ)
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        if not self._locked:
-            # the shared role, held while serving: a deleter (prune) cannot run meanwhile
-            self._locks.enter_context(self._repo.lock(f"serve {o.backup_id}"))
-            self._locked = True
+        # the shared lock role is held by nbdkit itself (plugin parameter lock=), from
+        # before it listens until it exits: prune cannot delete what is served, and a
+        # SIGKILL of this process leaves no stale lock (nbdkit exits cleanly with it, or
+        # outlives it still holding the lock)
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, env=env, start_new_session=True,
@@ -249,11 +279,13 @@ class NbdkitExport:
         self._fwd.start()
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            code = self.proc.poll()
+            if code is not None and (self.pidfile is None or code != 0):
                 self._fwd.join(2)
-                self._release()
                 raise ServeError(f"nbdkit exited at start: {self._why()}")
-            if self._answers():
+            if self.pidfile is not None and self._daemon is None and code == 0:
+                self._daemon = self._read_pidfile()  # written by the background child
+            if self._answers() and (self.pidfile is None or self._daemon is not None):
                 break
             if time.monotonic() > deadline:
                 self.stop()
@@ -261,6 +293,13 @@ class NbdkitExport:
             time.sleep(0.05)
         self._ready = True
         return self
+
+    def _read_pidfile(self) -> int | None:
+        assert self.pidfile is not None
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _answers(self) -> bool:
         if self.opts.socket is not None:
@@ -294,28 +333,40 @@ class NbdkitExport:
                     self._log.flush()
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.pidfile is None:
+            return self.proc is not None and self.proc.poll() is None
+        return self._daemon is not None and process_alive(self._daemon)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        assert self.proc is not None
+        """Wait for the foreground nbdkit to exit: its exit code, or None on timeout."""
+        assert self.proc is not None and self.pidfile is None
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
 
-    def _release(self) -> None:
-        self._locks.close()
-        self._locked = False
-
     def restart(self) -> None:
-        """Start nbdkit again on the same address (after it died), keeping the lock."""
-        self.stop(release=False)
+        """Start nbdkit again on the same address (after it died)."""
+        self.stop()
         self.start()
 
-    def stop(self, timeout: float = STOP_TIMEOUT, *, release: bool = True) -> None:
-        """SIGTERM nbdkit (it closes connections and exits), SIGKILL after ``timeout``;
-        then give up the repository lock (unless ``release`` is false)."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM nbdkit (it closes connections, gives up its lock and exits), SIGKILL
+        after ``timeout``."""
         p = self.proc
+        if self.pidfile is not None:
+            d = self._daemon
+            if d is not None and process_alive(d):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(d, signal.SIGTERM)
+                end = time.monotonic() + timeout
+                while process_alive(d) and time.monotonic() < end:
+                    time.sleep(0.05)
+                if process_alive(d):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(d, signal.SIGKILL)
+            self._daemon = None
+            self.pidfile.unlink(missing_ok=True)
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -329,8 +380,6 @@ class NbdkitExport:
             self._fwd.join(2)
         if p is not None and p.stderr is not None:
             p.stderr.close()
-        if release:
-            self._release()
         if self.opts.socket is not None:
             with contextlib.suppress(OSError):
                 if not _connectable(self.opts.socket):
