@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,47 @@ def test_corrupt_chunk_fails_that_read_with_eio_and_one_log_line(
     assert len({ln.split(" failed with EIO")[1] for ln in log}) == 1, log  # one chunk named
     assert cid.hex() in log[0] and "EIO" in log[0]
     assert "Traceback" not in s.stderr
+
+
+def test_sigkill_of_serve_while_qemu_reads_then_served_again(
+    backed_up: tuple[Repository, str, Path], short_dir: Path, tmp_path: Path
+) -> None:
+    """``snapferry serve`` SIGKILLed while QEMU's NBD client (``qemu-img convert`` with
+    ``reconnect-delay``, as the instant VM's backing uses) reads from it: its nbdkit
+    exits with it (no orphan), its lock goes with nbdkit (none left), the client waits;
+    ``serve`` again on the same socket and the read completes byte-exact."""
+    repo, bid, img = backed_up
+    before = _fingerprint(repo.path)
+    sock = short_dir / "s.sock"
+    spec = {"driver": "raw", "file": {"driver": "nbd", "reconnect-delay": 30,
+                                      "server": {"type": "unix", "path": str(sock)}}}
+    out = tmp_path / "copied.raw"
+    first = start_serve(repo.path, bid, "--disk", "sda", "--socket", str(sock))
+    reader = subprocess.Popen(["qemu-img", "convert", "-r", "4M", "-f", "raw", "-O", "raw",
+                               "json:" + json.dumps(spec), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.stat().st_blocks == 0) and time.monotonic() < deadline:
+            assert reader.poll() is None, reader.communicate()
+            time.sleep(0.05)
+        assert reader.poll() is None, "the copy must still be running when serve is killed"
+        nbdkit_pid = int(first.info["pid"])
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while pid_alive(nbdkit_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(nbdkit_pid), "nbdkit must not outlive a killed serve"
+        assert not list((repo.path / "locks").glob("*")), "no stale lock"
+        assert reader.poll() is None, "QEMU's client waits for the server to come back"
+        with serving(repo.path, bid, "--disk", "sda", "--socket", str(sock)):
+            _, err = reader.communicate(timeout=120)
+            assert reader.returncode == 0, err
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+    assert out.read_bytes() == img.read_bytes()
+    assert _fingerprint(repo.path) == before
+    assert not list((repo.path / "locks").glob("*"))
