@@ -85,7 +85,8 @@ def cmd_instant(args: argparse.Namespace) -> int:
         from snapferry.engine.errors import UsageError
 
         raise UsageError(f"live-restore directory {target} does not exist")
-    inst = InstantVm(Path(repo_path_of(args)), args.backup_id, lab_dir, say=say)
+    inst = InstantVm(repo_path_of(args), args.backup_id, lab_dir, say=say,
+                     password_file=getattr(args, "password_file", None))
     failed = False
     with stop_signals() as stop:
         inst.boot(workload=not args.no_workload)

@@ -58,7 +58,7 @@ from snapferry.engine import faults
 from snapferry.engine.errors import SnapferryError, UsageError
 from snapferry.engine.procs import process_alive, process_start
 from snapferry.engine.qemu.qmp import Qmp, QmpCommandError
-from snapferry.engine.serve.server import ExportOptions, NbdkitExport
+from snapferry.engine.serve.server import ExportOptions, NbdkitExport, drop_stale_locks
 from snapferry.lab import vm as lab
 
 RECONNECT_DELAY = 30
@@ -116,15 +116,15 @@ def _backing_json(sock: Path) -> str:
 class InstantVm:
     """The lab VM booted from restore point ``backup_id`` (see the module docstring)."""
 
-    def __init__(self, repo: Path, backup_id: str, lab_dir: Path,
-                 say: Callable[[str], None] = lambda m: None) -> None:
+    def __init__(self, repo: Path | str, backup_id: str, lab_dir: Path,
+                 say: Callable[[str], None] = lambda m: None, *,
+                 password_file: str | None = None) -> None:
         from snapferry.engine.store.repo import Repository
 
         self.say = say
         self.lab_dir = lab_dir.absolute()
         self.backup_id = backup_id
         r = Repository.open(repo)
-        self._repo_obj = r
         loc = str(repo)
         self.repo = loc if loc.startswith("s3://") else str(Path(loc).absolute())
         manifest = r.load_manifest(backup_id)
@@ -148,7 +148,8 @@ class InstantVm:
         for i, name in enumerate(names):
             sock = self.lab_dir / f"nbd-{i}.sock"
             exp = NbdkitExport(ExportOptions(repo=self.repo, backup_id=backup_id, disk=name,
-                                             socket=sock, exit_with_parent=False))
+                                             socket=sock, exit_with_parent=False,
+                                             password_file=password_file))
             self.disks.append(InstantDisk(name, i, exp.size, sock,
                                           self.lab_dir / f"disk{i}.qcow2", exp))
         self.vm: lab.LabVm | None = None
@@ -334,14 +335,7 @@ class InstantVm:
             self._drop_stale_locks(killed)
 
     def _drop_stale_locks(self, pids: list[int]) -> None:
-        from snapferry.engine.store import locks
-
-        backend = self._repo_obj.backend
-        for info in list(backend.objects("locks")):
-            held = locks.read_lock(backend, info.name)
-            if held and held.get("pid") in pids and locks.is_stale(held, info.size):
-                with contextlib.suppress(SnapferryError):
-                    backend.remove("locks", info.name)
+        drop_stale_locks(self.repo, pids)
 
     def all_local(self) -> bool:
         return all(d.on_local for d in self.disks)

@@ -9,7 +9,12 @@ parameters, in this order on nbdkit's command line:
                             editable install, work too)
     repo=PATH backup=ID disk=NAME
     cache=BYTES readahead=BYTES    (optional)
-    model=serialize_requests|parallel   (optional, see thread_model)
+    model=serialize_requests|serialize_all_requests|parallel   (optional, see
+                            thread_model; the other two for measurements)
+    password_file=PATH      (optional) an encrypted repository's passphrase file
+                            (else $SNAPFERRY_PASSWORD, inherited)
+    logfd=N                 (optional) write our log lines to this inherited fd, not
+                            stderr (nbdkit in the background has no stderr)
     lock=PURPOSE            (optional) hold the repository's shared lock role from
                             ``get_ready`` to ``cleanup``, in this process: an export
                             that outlives the process that started it (``instant``
@@ -40,6 +45,7 @@ except ImportError:  # imported outside nbdkit (tests, packaging): nothing to do
     nbdkit = None
 
 API_VERSION = 2
+READY_LINE = "ready (lock held)"  # not forwarded to the user (server.py)
 MAX_EXTENTS = 4096  # per reply; clients ask again from where a reply ended
 
 _params: dict[str, str] = {}
@@ -50,12 +56,16 @@ _reported: set[int] = set()
 _report_lock = threading.Lock()
 
 
+_logfile: Any = None
+
+
 def _log(msg: str) -> None:
+    out = _logfile if _logfile is not None else sys.stderr
     try:
-        sys.stderr.write(f"snapferry serve: {msg}\n")
-        sys.stderr.flush()
+        out.write(f"snapferry serve: {msg}\n")
+        out.flush()
     except (OSError, ValueError):
-        pass  # the process that read our stderr is gone (an orphaned instant export)
+        pass  # the process that read our lines is gone (an orphaned, detached export)
 
 
 def thread_model() -> int:
@@ -64,16 +74,32 @@ def thread_model() -> int:
     `sock >= 0' failed``) when a client hangs up after a failed read while other
     requests of that connection are in flight under the parallel model (seen with
     nbdkit's own file plugin and error filter too), so ``parallel`` is opt-in."""
-    if _params.get("model") == "parallel":
+    model = _params.get("model", "serialize_requests")
+    if model == "parallel":
         return int(nbdkit.THREAD_MODEL_PARALLEL)
+    if model == "serialize_all_requests":
+        return int(nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
     return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 def config(key: str, value: str) -> None:
     if key == "sitedirs":
+        # ahead of the system's dist-packages: Debian's own (older) boto3/botocore or
+        # numpy must not shadow the versions snapferry was installed with
+        before = list(sys.path)
         for d in value.split(":"):
             if d and d not in sys.path:
                 site.addsitedir(d)
+        sys.path[:] = [p for p in sys.path if p not in before] + before
+    elif key == "logfd":
+        global _logfile
+        import os
+
+        _logfile = os.fdopen(int(value), "w", buffering=1)
+    elif key == "password_file":
+        from snapferry.engine.store import keys
+
+        keys.set_password_file(value)
     elif key in ("repo", "backup", "disk", "cache", "readahead", "model", "lock"):
         _params[key] = value
     else:
@@ -124,6 +150,7 @@ def after_fork() -> None:
         _log(str(e))
         raise
     _lock = stack
+    _log(READY_LINE)  # the launcher waits for this line: the lock is held from here on
 
 
 def cleanup() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapferry.engine.errors import SnapferryError, UsageError
-from snapferry.engine.procs import process_alive
+from snapferry.engine.procs import process_alive, process_start
 
 READY_TIMEOUT = 60.0
+READY_PREFIX = "snapferry serve: "
+READY_LINE = "ready (lock held)"  # nbdkit_plugin.READY_LINE
 STOP_TIMEOUT = 10.0
 MAX_UNIX_PATH = 107
 
@@ -56,6 +59,8 @@ class ExportOptions:
     # False: nbdkit outlives this process (instant: a killed ``snapferry instant`` must
     # not take its VM's disks away); nbdkit then holds the repository lock itself
     exit_with_parent: bool = True
+    password_file: str | None = None  # encrypted repositories, for nbdkit's plugin
+    model: str | None = None  # nbdkit thread model (nbdkit_plugin.thread_model)
 
 
 @dataclass
@@ -172,6 +177,20 @@ def check_port(host: str, port: int) -> None:
         s.close()
 
 
+def drop_stale_locks(repo: str, pids: list[int]) -> None:
+    """Remove the lock objects of the nbdkit processes ``pids`` once they are dead (a
+    killed nbdkit cannot remove its own)."""
+    from snapferry.engine.store import locks
+    from snapferry.engine.store.repo import Repository
+
+    backend = Repository.open(repo).backend
+    for info in list(backend.objects("locks")):
+        held = locks.read_lock(backend, info.name)
+        if held and held.get("pid") in pids and locks.is_stale(held, info.size):
+            with contextlib.suppress(SnapferryError):
+                backend.remove("locks", info.name)
+
+
 class NbdkitExport:
     """One restore-point disk served read-only by nbdkit (the Python plugin)."""
 
@@ -184,7 +203,10 @@ class NbdkitExport:
         self._lines: deque[str] = deque(maxlen=20)
         self._ready = False
         self._fwd: threading.Thread | None = None
+        self._fwd2: threading.Thread | None = None
+        self._locked = threading.Event()  # nbdkit said it holds the repository lock
         self._daemon: int | None = None
+        self.took_over: int | None = None  # pid of an orphaned nbdkit this export replaced
         from snapferry.engine.restore import pick_disk
         from snapferry.engine.store.repo import Repository
 
@@ -249,6 +271,10 @@ class NbdkitExport:
             cmd.append(f"cache={o.cache_bytes}")
         if o.readahead_bytes is not None:
             cmd.append(f"readahead={o.readahead_bytes}")
+        if o.model is not None:
+            cmd.append(f"model={o.model}")
+        if o.password_file is not None:
+            cmd.append(f"password_file={Path(o.password_file).absolute()}")
         # the server's own shared lock: it stays held while nbdkit serves, whatever
         # happens to this process
         cmd.append(f"lock=serve {o.backup_id} (nbdkit)")
@@ -258,10 +284,16 @@ class NbdkitExport:
     def start(self, timeout: float = READY_TIMEOUT) -> NbdkitExport:
         o = self.opts
         self._daemon = None
+        self._locked.clear()
+        self.took_over = None
         if o.socket is not None:
-            check_socket_path(o.socket.absolute())
             if self.pidfile is not None:
+                self.took_over = self._replace_orphan()
+            check_socket_path(o.socket.absolute())
+            if self.pidfile is not None and self.ownerfile is not None:
                 self.pidfile.unlink(missing_ok=True)
+                self.ownerfile.write_text(json.dumps(
+                    {"pid": os.getpid(), "start": process_start(os.getpid())}) + "\n")
         else:
             assert o.port is not None
             check_port(o.host, o.port)
@@ -271,12 +303,28 @@ class NbdkitExport:
         # before it listens until it exits: prune cannot delete what is served, and a
         # SIGKILL of this process leaves no stale lock (nbdkit exits cleanly with it, or
         # outlives it still holding the lock)
+        cmd = self.command()
+        fds: tuple[int, ...] = ()
+        log_r = -1
+        if self.pidfile is not None:
+            # detached nbdkit loses its stderr when it forks into the background: the
+            # plugin's lines come on a pipe of their own (logfd=N) instead
+            log_r, log_w = os.pipe()
+            fds = (log_w,)
+            cmd.append(f"logfd={log_w}")
         self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env, start_new_session=True,
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=env, start_new_session=True, pass_fds=fds,
         )
-        self._fwd = threading.Thread(target=self._forward, daemon=True, name="nbdkit-log")
+        assert self.proc.stderr is not None
+        self._fwd = threading.Thread(target=self._forward, args=(self.proc.stderr,),
+                                     daemon=True, name="nbdkit-log")
         self._fwd.start()
+        if fds:
+            os.close(fds[0])
+            self._fwd2 = threading.Thread(target=self._forward, args=(os.fdopen(log_r, "rb"),),
+                                          daemon=True, name="nbdkit-log2")
+            self._fwd2.start()
         deadline = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
@@ -285,7 +333,8 @@ class NbdkitExport:
                 raise ServeError(f"nbdkit exited at start: {self._why()}")
             if self.pidfile is not None and self._daemon is None and code == 0:
                 self._daemon = self._read_pidfile()  # written by the background child
-            if self._answers() and (self.pidfile is None or self._daemon is not None):
+            if self._answers() and (self.pidfile is None or self._daemon is not None) \
+                    and self._locked.is_set():
                 break
             if time.monotonic() > deadline:
                 self.stop()
@@ -293,6 +342,47 @@ class NbdkitExport:
             time.sleep(0.05)
         self._ready = True
         return self
+
+    def _replace_orphan(self) -> int | None:
+        """An nbdkit left serving this socket by a killed snapferry (its pid file names
+        a live nbdkit running our plugin on this socket): SIGKILL it and drop its lock,
+        then this export takes the socket. SIGKILL, not SIGTERM: a stopping nbdkit
+        answers requests in flight with an error that QEMU passes to the guest, while a
+        dropped connection is retried by QEMU once it reconnects. Returns its pid."""
+        pid = self._read_pidfile()
+        if pid is None or not process_alive(pid):
+            return None
+        owner = self._read_owner()
+        if owner is not None and process_alive(*owner):
+            return None  # its snapferry runs: the socket is in use (refused below)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return None
+        assert self.opts.socket is not None
+        if not argv.split("\0")[0].endswith("nbdkit") or str(plugin_path()) not in argv \
+                or str(self.opts.socket.absolute()) not in argv:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 10
+        while process_alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+        drop_stale_locks(self.repo_path, [pid])
+        return pid
+
+    @property
+    def ownerfile(self) -> Path | None:
+        """Detached mode: the snapferry process that runs this export (pid, start)."""
+        return None if self.pidfile is None else self.pidfile.with_suffix(".owner")
+
+    def _read_owner(self) -> tuple[int, str | None] | None:
+        assert self.ownerfile is not None
+        try:
+            doc = json.loads(self.ownerfile.read_text())
+            return int(doc["pid"]), doc.get("start")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _read_pidfile(self) -> int | None:
         assert self.pidfile is not None
@@ -320,12 +410,20 @@ class NbdkitExport:
                 return ln.strip()
         return lines[-1].strip() if lines else "no message"
 
-    def _forward(self) -> None:
+    def _forward(self, stream: IO[bytes]) -> None:
         """Copy nbdkit's stderr: our own one-line messages as they are; nbdkit's
         Python tracebacks (printed after our line for the same failure) are dropped."""
-        assert self.proc is not None and self.proc.stderr is not None
-        for raw in self.proc.stderr:
+        with contextlib.suppress(OSError, ValueError):
+            self._copy_lines(stream)
+        with contextlib.suppress(OSError):
+            stream.close()
+
+    def _copy_lines(self, stream: IO[bytes]) -> None:
+        for raw in stream:
             line = raw.decode(errors="replace").rstrip("\n")
+            if line == READY_PREFIX + READY_LINE:
+                self._locked.set()
+                continue
             self._lines.append(line)
             if self._ready and line.startswith("snapferry serve: "):
                 with contextlib.suppress(OSError, ValueError):
@@ -367,6 +465,8 @@ class NbdkitExport:
                         os.kill(d, signal.SIGKILL)
             self._daemon = None
             self.pidfile.unlink(missing_ok=True)
+            if self.ownerfile is not None:
+                self.ownerfile.unlink(missing_ok=True)
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
@@ -376,10 +476,9 @@ class NbdkitExport:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 p.wait(5)
-        if self._fwd is not None:
-            self._fwd.join(2)
-        if p is not None and p.stderr is not None:
-            p.stderr.close()
+        for t in (self._fwd, self._fwd2):
+            if t is not None:
+                t.join(2)
         if self.opts.socket is not None:
             with contextlib.suppress(OSError):
                 if not _connectable(self.opts.socket):
