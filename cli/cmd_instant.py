@@ -32,6 +32,7 @@ EXAMPLES = """
   snapferry instant latest:lab                              # boot the lab VM from it
   snapferry instant latest:lab --live-restore /var/lib/vm1  # ... and copy it back live
   # after a crash of the above: the same command again takes its VM over and finishes
+  snapferry instant latest:vm1 --qmp /run/vm9.qmp --lab-dir /var/tmp/vm9  # any QEMU
 """
 
 
@@ -60,14 +61,60 @@ def add_command(
     p.add_argument("--restore-speed", type=parse_size, default=0, metavar="BYTES",
                    help="--live-restore: copy at most this many bytes/s per disk, e.g. 50M "
                         "(default: %(default)s, no limit)")
+    p.add_argument("--qmp", metavar="SOCKET",
+                   help="instead of booting the lab VM, add the disks to the running QEMU "
+                        "on this QMP socket as block nodes sf-inst-<disk> (qcow2 overlays "
+                        "in --lab-dir over the exports) and report them; attach them to "
+                        "devices yourself; no --live-restore (default: none)")
     p.add_argument("--no-workload", action="store_true",
                    help="do not start the lab guest's write workload")
     p.add_argument("--json", action="store_true", help="one JSON object per phase, per line")
     return cmd_instant
 
 
+def cmd_qmp_attach(args: argparse.Namespace) -> int:
+    """``--qmp``: block nodes in someone else's QEMU, served until SIGINT/SIGTERM."""
+    import sys
+
+    from snapferry.engine.errors import UsageError
+    from snapferry.engine.serve.attach import QmpAttach
+
+    if args.live_restore:
+        raise UsageError("--live-restore works with the lab VM only, not with --qmp")
+    work = Path(args.lab_dir) if args.lab_dir else default_instant_dir() / "qmp"
+    att = QmpAttach(repo_path_of(args), args.backup_id, Path(args.qmp), work,
+                    password_file=getattr(args, "password_file", None))
+    with stop_signals() as stop:
+        nodes = att.attach()
+        if args.json:
+            emit_line({"event": "attached", "backup_id": args.backup_id, "qmp": args.qmp,
+                       "nodes": nodes})
+        else:
+            for n in nodes:
+                print(f"disk {n['disk']}: block node {n['node']} (overlay {n['overlay']}) in "
+                      f"QEMU at {args.qmp}; attach it, e.g. device_add "
+                      f"virtio-blk-pci,drive={n['node']}", flush=True)
+        while not stop.is_set():
+            time.sleep(0.2)
+            for d in att.disks:
+                if not d.export.alive():
+                    d.export.restart()
+    kept = att.detach()
+    for line in kept:
+        sys.stderr.write(f"snapferry: {line}\n")
+    if args.json:
+        emit_line({"event": "stopped", "kept": kept})
+    else:
+        print("stopped" + ("" if not kept else "; some nodes stay in use (see above)"),
+              flush=True)
+    return 0
+
+
 def cmd_instant(args: argparse.Namespace) -> int:
     from snapferry.lab.instant import InstantVm
+
+    if args.qmp:
+        return cmd_qmp_attach(args)
 
     t0 = time.monotonic()
 
