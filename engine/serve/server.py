@@ -361,7 +361,7 @@ class NbdkitExport:
             return None
         assert self.opts.socket is not None
         if not argv.split("\0")[0].endswith("nbdkit") or str(plugin_path()) not in argv \
-                or str(self.opts.socket.absolute()) not in argv:
+                or str(self.opts.socket.resolve()) not in argv:
             return None
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
