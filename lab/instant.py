@@ -61,7 +61,7 @@ from snapferry.engine.qemu.qmp import Qmp, QmpCommandError
 from snapferry.engine.serve.server import ExportOptions, NbdkitExport, drop_stale_locks
 from snapferry.lab import vm as lab
 
-RECONNECT_DELAY = 30
+RECONNECT_DELAY = 120  # a restart under heavy load can take tens of seconds
 STATE_FILE = "instant.json"
 JOB_PREFIX = "sf-lr"
 

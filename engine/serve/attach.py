@@ -30,7 +30,7 @@ from snapferry.engine.qemu.qmp import Qmp, QmpCommandError
 from snapferry.engine.serve.server import ExportOptions, NbdkitExport
 
 NODE_PREFIX = "sf-inst-"
-RECONNECT_DELAY = 30
+RECONNECT_DELAY = 120  # a restart under heavy load can take tens of seconds
 
 
 class AttachError(SnapferryError):
