@@ -46,7 +46,8 @@ def cmd_files(args: argparse.Namespace) -> int:
         raise UsageError("files get needs --to DEST")
     if args.action == "ls" and args.to:
         raise UsageError("--to is for files get")
-    with RestorePointFiles(Path(repo_path_of(args)), args.backup_id, args.disk) as fs:
+    with RestorePointFiles(repo_path_of(args), args.backup_id, args.disk,
+                           password_file=getattr(args, "password_file", None)) as fs:
         if args.action == "ls":
             entries = fs.ls(args.path)
             if args.json:

@@ -2,6 +2,12 @@
 
 Runs in the foreground until SIGINT or SIGTERM, then stops nbdkit and exits 0. With
 ``--json`` it prints one JSON object (on one line) once the export answers.
+
+On ``--socket`` nbdkit runs detached (its own background process, pid file
+``SOCKET.pid``, holding the repository's shared lock itself): if this process is
+killed (SIGKILL, a crash), the export keeps serving, so a VM reading from it notices
+nothing; ``serve`` again on the same socket replaces it (and says so). On ``--port``
+nbdkit exits with this process.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,10 +54,14 @@ def add_command(
 
 
 def repo_path_of(args: argparse.Namespace) -> str:
-    """The repository path (``--repo`` or ``$SNAPFERRY_REPO``), from whichever module of
-    the CLI holds that helper (``cli.common`` after the CLI's split into modules)."""
+    """The repository (``--repo`` or ``$SNAPFERRY_REPO``): a directory, or an
+    ``s3://BUCKET/PREFIX`` URL (nbdkit's plugin opens it from that string, with the
+    endpoint and credentials of the environment it inherits). Also sets the
+    ``--password-file`` for this process's own opening of the repository."""
     from snapferry.cli.common import repo_path
+    from snapferry.engine.store import keys
 
+    keys.set_password_file(getattr(args, "password_file", None))
     return str(repo_path(args))
 
 
@@ -80,18 +91,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from snapferry.engine.serve.server import ExportOptions, NbdkitExport, ServeError
 
     opts = ExportOptions(
-        repo=Path(repo_path_of(args)),
+        repo=repo_path_of(args),
         backup_id=args.backup_id,
         disk=args.disk,
         socket=Path(args.socket) if args.socket else None,
         port=args.port,
         host=args.host,
+        password_file=getattr(args, "password_file", None),
+        # on a socket nbdkit is detached: a killed serve leaves it serving (a VM reading
+        # from it notices nothing); serve again on that socket takes it over
+        exit_with_parent=args.socket is None,
     )
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1..65535, not {args.port}")
     export = NbdkitExport(opts)
     with stop_signals() as stop:
         export.start()
+        if export.took_over is not None:
+            sys.stderr.write(f"snapferry: took over {args.socket} from nbdkit pid "
+                             f"{export.took_over}, left serving by a killed snapferry\n")
         try:
             info = export.info()
             if args.json:
@@ -101,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"{human_bytes(info.size)}) read-only at {info.uri}; "
                       f"Ctrl-C or SIGTERM stops", flush=True)
             while not stop.is_set():
-                if export.wait(0.2) is not None:
+                time.sleep(0.2)
+                if not export.alive():
                     raise ServeError(f"nbdkit exited unexpectedly: {export._why()}")
         finally:
             export.stop()

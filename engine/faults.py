@@ -27,6 +27,10 @@ Points and their actions:
                              back (storage that does not return what was written)
 ``prune-kill=STEP[:N]``      prune SIGKILLs itself the N-th time (default 1) it reaches
                              ``STEP`` (one of ``engine.store.prune.STEPS``)
+``instant-kill=STEP``        ``snapferry instant`` SIGKILLs itself at ``STEP`` (one of
+                             ``INSTANT_STEPS``): ``copying`` (the live-restore jobs
+                             started), ``switched`` (the devices are on the copies, the
+                             overlays not yet closed)
 ==========================  ===============================================================
 
 An unknown point or action is an error (a typo must not make a fault test pass
@@ -47,8 +51,9 @@ FAULT_ENV = "SNAPFERRY_FAULT"
 PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "merge")
 # after-commit: the restore point is committed, the hypervisor's bookkeeping
 # (finalize) not yet done; not a lifecycle step that cleanup alone can undo
+INSTANT_STEPS = ("copying", "switched")
 POINTS = (*(f"after-{p}" for p in PHASES), "after-commit", "worker-kill", "worker-stall",
-          "prune-kill")
+          "prune-kill", "instant-kill")
 PHASE_ACTIONS = ("sigint", "sigterm", "sigkill", "raise")
 
 POINTS += ("pack-rot",)  # a reader worker's pack saver (engine/store/saver.py)
@@ -63,6 +68,8 @@ def _parse(spec: str) -> dict[str, str]:
                              f"(known: {', '.join(POINTS)})")
         if point.startswith("after-") and action not in PHASE_ACTIONS:
             raise ValueError(f"{FAULT_ENV}: {point} takes one of {', '.join(PHASE_ACTIONS)}")
+        if point == "instant-kill" and action not in INSTANT_STEPS:
+            raise ValueError(f"{FAULT_ENV}: {point} takes one of {', '.join(INSTANT_STEPS)}")
         out[point] = action
     return out
 
@@ -162,3 +169,11 @@ def prune_kill() -> tuple[str, int] | None:
         return None
     step, _, n = value.partition(":")
     return step, int(n) if n.isdigit() else 1
+
+
+def instant_kill(step: str) -> None:
+    """SIGKILL this process if ``instant-kill=STEP`` asks for ``step``; else nothing."""
+    if FAULT_ENV not in os.environ or _active().get("instant-kill") != step:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # pragma: no cover - never reached

@@ -2,7 +2,9 @@
 boot a VM from it and restore that VM live while the guest writes.
 
 VM boots here: the shared lab VM (``lab_vm``) plus two instant boots of one lab dir
-(the first interrupted mid-copy, the second resuming from its overlays and finishing).
+(the first interrupted mid-copy, the second resuming from its overlays and finishing),
+and one more instant boot whose ``instant`` process is SIGKILLed three times (during
+the boot, mid-copy, right after the switch) and taken over by the next run each time.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from coordvm import guest_ticker, max_gap_ms
 from labvm import lab_vm
 from servecli import needs_serve, serving
 
+from snapferry.engine import faults
+from snapferry.engine.procs import process_alive
 from snapferry.engine.qemu.agent import GuestAgent
 from snapferry.engine.qemu.qmp import Qmp
+from snapferry.engine.store import Repository
+from snapferry.engine.store.locks import live_locks
 from snapferry.lab import check as labcheck
 from snapferry.lab.vm import LabVm, lab_down
 
@@ -102,10 +108,10 @@ def test_files_lists_and_extracts_from_the_lab_point(point: dict[str, Any]) -> N
 
 
 class Instant:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([*snapferry_exe(), "instant", *args, "--json"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=cli_env(), cwd=ROOT)
+                                     text=True, env=env or cli_env(), cwd=ROOT)
 
     def event(self, timeout: float = 240) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -225,3 +231,156 @@ def test_instant_boot_interrupted_then_resumed_live_restore(point: dict[str, Any
     finally:
         lab_down(lab_dir / "vm")
         assert _repo_fingerprint(repo) == before, "the repository must stay untouched"
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _state(lab: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((lab / "instant.json").read_text())
+    return doc
+
+
+def _nbdkit_pids(lab: Path) -> list[int]:
+    return [d["nbdkit_pid"] for d in _state(lab)["disks"] if d["nbdkit_pid"]]
+
+
+def _guest_write(agent: str, path: str, data: bytes) -> None:
+    with GuestAgent(agent, timeout=60.0) as ga:
+        ga.file_write(path, data)
+        assert ga.exec_wait("/bin/sync", timeout=60.0)[0] == 0
+
+
+def test_instant_process_sigkilled_at_three_moments_is_taken_over(
+        point: dict[str, Any]) -> None:
+    """SIGKILL of ``snapferry instant`` itself: during the boot, mid-copy, after the
+    switch. Each time the VM keeps running with its disks served (the exports are not
+    tied to the killed process), the next ``instant`` says what it found and takes
+    over; at the end the VM runs on local disks holding every guest write, no process
+    is left, and the repository is unchanged (no new file, verify --read-data ok)."""
+    repo, bid = point["repo"], point["id"]
+    base = Path(tempfile.mkdtemp(prefix="sfkill-"))
+    lab, target = base / "vm", base / "lr"
+    target.mkdir()
+    before = _repo_fingerprint(repo)
+    seen_nbdkit: set[int] = set()
+    common = ("--repo", str(repo), "--lab-dir", str(lab))
+    try:
+        # 1. killed during the boot: QEMU started, the agent not answering yet
+        run = Instant(bid, *common)
+        deadline = time.monotonic() + 120
+        while not (lab / "qemu.pid").exists() or not (lab / "instant.json").exists():
+            assert run.proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        _kill(run.proc)
+        qemu_pid = int((lab / "qemu.pid").read_text())
+        assert process_alive(qemu_pid), "the VM keeps running"
+        orphans = _nbdkit_pids(lab)
+        assert len(orphans) == 2 and all(process_alive(p) for p in orphans), \
+            "the exports outlive the killed instant process"
+        seen_nbdkit.update(orphans)
+        held = [h for _, h in live_locks(Repository.open(repo).backend)]
+        assert {h["pid"] for h in held} == set(orphans), \
+            ("nbdkit holds the shared lock", [(x.name, x.read_text()) for x in
+                                              (repo / "locks").glob("*")])
+
+        # 2. taken over (waits for the boot), then killed mid-copy
+        run = Instant(bid, *common, "--live-restore", str(target), "--restore-speed", "1M")
+        booted = run.event()
+        assert booted["event"] == "booted" and booted["reattached"] is True
+        assert booted["pid"] == qemu_pid
+        notes = " | ".join(booted["notes"])
+        assert "taking it over" in notes and "was stopped; serving it again" in notes, notes
+        assert not any(process_alive(p) for p in orphans)
+        vm = LabVm(lab_dir=lab, qmp_socket=booted["qmp"], agent_socket=booted["agent"],
+                   control_socket=booted["control"], pid=qemu_pid, disks=[], accel="?")
+        with GuestAgent(booted["agent"], timeout=30.0) as ga:
+            assert ga.file_read(MARK) == MARK_TEXT
+        with guest_ticker(vm, "/data1/tick.log") as ticks:
+            _guest_write(booted["agent"], "/data1/k1.txt", b"before the mid-copy kill\n")
+            j1 = _wait_mid_copy(booted["qmp"], run.proc)
+            _kill(run.proc)
+            seen_nbdkit.update(_nbdkit_pids(lab))
+            # no instant process now: the guest still writes, the copy still runs
+            _guest_write(booted["agent"], "/data1/k2.txt", b"while no instant ran\n")
+            deadline = time.monotonic() + 30
+            j2 = _job(booted["qmp"])
+            while j2 is not None and j2["offset"] <= j1["offset"] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+                j2 = _job(booted["qmp"])
+            assert j2 is not None and j2["offset"] > j1["offset"], (j1, j2)
+            assert all(process_alive(p) for p in _nbdkit_pids(lab))
+
+            # 3. taken over: the copy is adopted (its speed lifted); killed after the switch
+            run = Instant(bid, *common, "--live-restore", str(target),
+                          env=cli_env(SNAPFERRY_FAULT=faults.spec(instant_kill="switched")))
+            booted = run.event()
+            notes = " | ".join(booted["notes"])
+            assert "is still running in QEMU" in notes, notes
+            run.proc.communicate(timeout=240)
+            assert run.proc.returncode == -signal.SIGKILL
+            seen_nbdkit.update(_nbdkit_pids(lab))
+            q = Qmp(booted["qmp"], timeout=30.0)
+            try:
+                nodes = [b["inserted"]["node-name"] for b in q.cmd("query-block")
+                         if b.get("inserted")]
+                assert nodes == ["sf-lr0", "sf-lr1"], nodes
+                assert q.cmd("query-status")["status"] == "running"
+            finally:
+                q.close()
+            _guest_write(booted["agent"], "/data1/k3.txt", b"after the switch\n")
+
+            # 4. taken over once more: finishes (closes the overlays, stops serving)
+            run = Instant(bid, *common, "--live-restore", str(target))
+            booted = run.event()
+            notes = " | ".join(booted["notes"])
+            assert notes.count("already runs on its local copy") == 2, notes
+            restored = run.event()
+            assert restored["event"] == "restored", restored
+            assert run.proc.wait(60) == 0
+        q = Qmp(booted["qmp"], timeout=30.0)
+        try:
+            names = {n["node-name"] for n in q.cmd("query-named-block-nodes", {"flat": True})}
+            assert not any(n.startswith("lab-") for n in names), names
+            assert q.cmd("query-status")["status"] == "running"
+        finally:
+            q.close()
+        assert _state(lab)["local"] == [str(target / "disk0.qcow2"), str(target / "disk1.qcow2")]
+        assert not [p for p in seen_nbdkit if process_alive(p)], "an nbdkit process is left"
+        assert not list(lab.glob("nbd-*.sock"))
+        tick_text = b""
+        with GuestAgent(booted["agent"], timeout=30.0) as ga:
+            tick_text = ga.file_read("/data1/tick.log")
+            assert ga.exec_wait("/bin/sync", timeout=30.0)[0] == 0
+            assert ga.fsfreeze_freeze() >= 1
+            try:
+                raw = base / "check.raw"
+                labcheck.image_to_raw(target / "disk1.qcow2", raw)
+            finally:
+                ga.fsfreeze_thaw()
+        ok, out = labcheck.fsck_clean(raw)
+        assert ok, out
+        assert labcheck.read_file(raw, "/instant-marker.txt") == MARK_TEXT
+        assert labcheck.read_file(raw, "/k1.txt") == b"before the mid-copy kill\n"
+        assert labcheck.read_file(raw, "/k2.txt") == b"while no instant ran\n"
+        assert labcheck.read_file(raw, "/k3.txt") == b"after the switch\n"
+        assert labcheck.read_file(raw, "/tick.log") == tick_text  # every tick on the copy
+        console = (lab / "console.log").read_text(errors="replace")
+        assert "I/O error" not in console and "EXT4-fs error" not in console, console[-2000:]
+        up = [float(x) for x in tick_text.split()]
+        assert len(up) > 20 and up == sorted(up)
+        print(f"\nkills: largest guest write gap across three takeovers "
+              f"{max_gap_ms(ticks):.0f} ms over {len(ticks)} ticks")
+    finally:
+        lab_down(lab)
+        for p in seen_nbdkit:
+            if process_alive(p):
+                os.kill(p, signal.SIGKILL)
+    assert _repo_fingerprint(repo) == before, "the repository must stay untouched"
+    assert not list((repo / "locks").glob("*")), "no lock object is left behind"
+    v = run_cli("verify", "--repo", repo, "--read-data")
+    assert v.returncode == 0, v.stdout + v.stderr

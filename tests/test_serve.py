@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,58 @@ def test_corrupt_chunk_fails_that_read_with_eio_and_one_log_line(
     assert len({ln.split(" failed with EIO")[1] for ln in log}) == 1, log  # one chunk named
     assert cid.hex() in log[0] and "EIO" in log[0]
     assert "Traceback" not in s.stderr
+
+
+def test_sigkill_of_serve_while_qemu_reads_then_served_again(
+    backed_up: tuple[Repository, str, Path], short_dir: Path, tmp_path: Path
+) -> None:
+    """``snapferry serve --socket`` SIGKILLed while QEMU's NBD client (``qemu-img
+    convert`` with ``reconnect-delay``, as the instant VM's backing uses) reads from it:
+    its nbdkit is detached and keeps serving (still holding the lock), the reader does
+    not notice; ``serve`` again on that socket says it takes over, replaces that nbdkit
+    (QEMU reconnects) and the read completes byte-exact; nothing is left after it."""
+    repo, bid, img = backed_up
+    before = _fingerprint(repo.path)
+    sock = short_dir / "s.sock"
+    spec = {"driver": "raw", "file": {"driver": "nbd", "reconnect-delay": 30,
+                                      "server": {"type": "unix", "path": str(sock)}}}
+    out = tmp_path / "copied.raw"
+    first = start_serve(repo.path, bid, "--disk", "sda", "--socket", str(sock))
+    orphan = int(first.info["pid"])
+    reader = subprocess.Popen(["qemu-img", "convert", "-r", "4M", "-f", "raw", "-O", "raw",
+                               "json:" + json.dumps(spec), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.stat().st_blocks == 0) and time.monotonic() < deadline:
+            assert reader.poll() is None, reader.communicate()
+            time.sleep(0.05)
+        assert reader.poll() is None, "the copy must still be running when serve is killed"
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.communicate(timeout=30)
+        time.sleep(1.0)
+        assert pid_alive(orphan), "the detached nbdkit keeps serving"
+        held = [json.loads(p.read_text()) for p in (repo.path / "locks").glob("*")]
+        assert [h["pid"] for h in held] == [orphan], "and keeps holding the shared lock"
+        assert reader.poll() is None
+        second = start_serve(repo.path, bid, "--disk", "sda", "--socket", str(sock))
+        try:
+            assert not pid_alive(orphan)
+            _, err = reader.communicate(timeout=120)
+            assert reader.returncode == 0, err
+        finally:
+            code = second.stop()
+        assert code == 0, second.stderr
+        assert second.stderr.strip() == f"snapferry: took over {sock} from nbdkit pid " \
+            f"{orphan}, left serving by a killed snapferry", second.stderr
+        assert not pid_alive(int(second.info["pid"]))
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+        if pid_alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
+    assert out.read_bytes() == img.read_bytes()
+    assert _fingerprint(repo.path) == before
+    assert not list((repo.path / "locks").glob("*")), "no lock left, stale or live"
+    assert not sock.exists()

@@ -104,7 +104,8 @@ def _check_guest_path(path: str) -> str:
 class RestorePointFiles:
     """A restore point's ext filesystem opened for reading (a context manager)."""
 
-    def __init__(self, repo: Path, backup_id: str, disk: str | None = None) -> None:
+    def __init__(self, repo: Path | str, backup_id: str, disk: str | None = None, *,
+                 password_file: str | None = None) -> None:
         self._debugfs = _tool("debugfs", "e2fsprogs")
         self._nbdfuse = _tool("nbdfuse", "libnbd-bin")
         self._fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
@@ -116,7 +117,8 @@ class RestorePointFiles:
         self._fuse: subprocess.Popen[bytes] | None = None
         try:
             self.export = NbdkitExport(ExportOptions(repo=repo, backup_id=backup_id, disk=disk,
-                                                     socket=self._dir / "nbd.sock"))
+                                                     socket=self._dir / "nbd.sock",
+                                                     password_file=password_file))
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise

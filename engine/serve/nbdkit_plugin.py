@@ -9,7 +9,19 @@ parameters, in this order on nbdkit's command line:
                             editable install, work too)
     repo=PATH backup=ID disk=NAME
     cache=BYTES readahead=BYTES    (optional)
-    model=serialize_requests|parallel   (optional, see thread_model)
+    model=serialize_requests|serialize_all_requests|parallel   (optional, see
+                            thread_model; the other two for measurements)
+    password_file=PATH      (optional) an encrypted repository's passphrase file
+                            (else $SNAPFERRY_PASSWORD, inherited)
+    logfd=N                 (optional) write our log lines to this inherited fd, not
+                            stderr (nbdkit in the background has no stderr)
+    lock=PURPOSE            (optional) hold the repository's shared lock role from
+                            ``get_ready`` to ``cleanup``, in this process: an export
+                            that outlives the process that started it (``instant``
+                            killed) still keeps prune from deleting what it serves
+
+``repo`` is a directory or an ``s3://BUCKET/PREFIX`` URL (endpoint and credentials come
+from the environment nbdkit inherits, as for any snapferry process).
 
 Connections run in parallel (zstd and the file reads release the GIL), each one's
 requests one at a time (see ``thread_model``), on one shared ``RestorePointSource``, so
@@ -33,17 +45,27 @@ except ImportError:  # imported outside nbdkit (tests, packaging): nothing to do
     nbdkit = None
 
 API_VERSION = 2
+READY_LINE = "ready (lock held)"  # not forwarded to the user (server.py)
 MAX_EXTENTS = 4096  # per reply; clients ask again from where a reply ended
 
 _params: dict[str, str] = {}
 _source: Any = None
+_lock: Any = None
+_repo: Any = None
 _reported: set[int] = set()
 _report_lock = threading.Lock()
 
 
+_logfile: Any = None
+
+
 def _log(msg: str) -> None:
-    sys.stderr.write(f"snapferry serve: {msg}\n")
-    sys.stderr.flush()
+    out = _logfile if _logfile is not None else sys.stderr
+    try:
+        out.write(f"snapferry serve: {msg}\n")
+        out.flush()
+    except (OSError, ValueError):
+        pass  # the process that read our lines is gone (an orphaned, detached export)
 
 
 def thread_model() -> int:
@@ -52,17 +74,33 @@ def thread_model() -> int:
     `sock >= 0' failed``) when a client hangs up after a failed read while other
     requests of that connection are in flight under the parallel model (seen with
     nbdkit's own file plugin and error filter too), so ``parallel`` is opt-in."""
-    if _params.get("model") == "parallel":
+    model = _params.get("model", "serialize_requests")
+    if model == "parallel":
         return int(nbdkit.THREAD_MODEL_PARALLEL)
+    if model == "serialize_all_requests":
+        return int(nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
     return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 def config(key: str, value: str) -> None:
     if key == "sitedirs":
+        # ahead of the system's dist-packages: Debian's own (older) boto3/botocore or
+        # numpy must not shadow the versions snapferry was installed with
+        before = list(sys.path)
         for d in value.split(":"):
             if d and d not in sys.path:
                 site.addsitedir(d)
-    elif key in ("repo", "backup", "disk", "cache", "readahead", "model"):
+        sys.path[:] = [p for p in sys.path if p not in before] + before
+    elif key == "logfd":
+        global _logfile
+        import os
+
+        _logfile = os.fdopen(int(value), "w", buffering=1)
+    elif key == "password_file":
+        from snapferry.engine.store import keys
+
+        keys.set_password_file(value)
+    elif key in ("repo", "backup", "disk", "cache", "readahead", "model", "lock"):
         _params[key] = value
     else:
         raise ValueError(f"unknown parameter {key!r}")
@@ -79,6 +117,7 @@ def get_ready() -> None:
     global _source
     try:
         from snapferry.engine.sources.restore_point import RestorePointSource
+        from snapferry.engine.store.repo import Repository
     except ImportError as e:
         _log(f"cannot import snapferry in nbdkit's Python {sys.version.split()[0]}: {e}")
         raise
@@ -87,18 +126,38 @@ def get_ready() -> None:
         kw["cache_bytes"] = int(_params["cache"])
     if "readahead" in _params:
         kw["readahead_bytes"] = int(_params["readahead"])
+    global _repo
     try:
-        _source = RestorePointSource.open(
-            _params["repo"], _params["backup"], _params["disk"], **kw
-        )
+        _repo = Repository.open(_params["repo"])
+        _source = RestorePointSource.open(_repo, _params["backup"], _params["disk"], **kw)
     except Exception as e:
         _log(str(e))
         raise
 
 
+def after_fork() -> None:
+    """Take the lock here, not in ``get_ready``: in background mode nbdkit forks after
+    ``get_ready`` and the lock must name the process that serves."""
+    global _lock
+    if "lock" not in _params:
+        return
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(_repo.lock(_params["lock"]))
+    except Exception as e:
+        _log(str(e))
+        raise
+    _lock = stack
+    _log(READY_LINE)  # the launcher waits for this line: the lock is held from here on
+
+
 def cleanup() -> None:
     if _source is not None:
         _source.close()
+    if _lock is not None:
+        _lock.close()
 
 
 def open(readonly: bool) -> int:
