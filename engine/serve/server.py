@@ -368,6 +368,10 @@ class NbdkitExport:
         end = time.monotonic() + 10
         while process_alive(pid) and time.monotonic() < end:
             time.sleep(0.02)
+        # /proc/PID/stat says Z once the main thread is gone, while the plugin's other
+        # threads may still be exiting with the listening socket open: wait for it too
+        while _connectable(self.opts.socket) and time.monotonic() < end:
+            time.sleep(0.02)
         drop_stale_locks(self.repo_path, [pid])
         return pid
 
