@@ -84,13 +84,20 @@ def backup_vm(args: argparse.Namespace) -> int:
 def add_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "cleanup", help="clear what an interrupted backup left on a VM "
-                        "(thaw, merge overlays, drop exports and stray bitmaps)",
-        description="Bring a QEMU VM back to its base disks, thawed, with no snapferry "
-                    "export, block job, lock or stray bitmap, after a backup process was "
-                    "killed. Overlay files holding guest writes are kept and reported.",
+                        "(thaw, merge overlays, drop exports, jobs, stray bitmaps/snapshots)",
+        description="After a backup process was killed, bring a VM back to its base "
+                    "disks, thawed, with nothing of snapferry's left on it. QEMU: no "
+                    "export, block job, lock or stray bitmap (overlay files holding guest "
+                    "writes are kept and reported). libvirt: no backup job of ours, no "
+                    "checkpoint the killed run created, no scratch file. vSphere: no "
+                    "snapferry-* snapshot (one a running backup holds is refused).",
         epilog="examples:\n  snapferry cleanup lab\n"
-               "  snapferry cleanup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'")
-    p.add_argument("source", metavar="VM", help="qemu+unix:///QMP?agent=QGA | lab")
+               "  snapferry cleanup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'\n"
+               "  snapferry cleanup libvirt:///system/web1\n"
+               "  snapferry cleanup vsphere://backup@vcenter.example/web1")
+    p.add_argument("source", metavar="VM",
+                   help="qemu+unix:///QMP?agent=QGA | libvirt:///system/DOMAIN | "
+                        "vsphere://USER@HOST/VM | lab")
     p.set_defaults(func=cmd_cleanup)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -115,7 +122,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from snapferry.engine.targets import TargetOptions, open_hypervisor
 
     # the fleecing flavour clears both strategies' leftovers (overlays and fleece nodes)
-    topts = TargetOptions(qemu_strategy="fleecing", progress=make_progress(True))
+    topts = TargetOptions(qemu_strategy="fleecing", progress=make_progress(True),
+                          reads_disks=False)
     source = args.source
     if source == "lab":
         from snapferry.lab.vm import lab_target
@@ -124,7 +132,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     hv = open_hypervisor(source, topts)
     try:
         if not isinstance(hv, Recoverable):
-            raise UsageError(f"cleanup is not supported for {args.source!r} (QEMU VMs only)")
+            raise UsageError(f"cleanup is not supported for {args.source!r}")
         done = hv.recover()
     finally:
         hv.close()
@@ -133,8 +141,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     else:
         for line in done:
             print(f"  {line}")
-        print(f"{args.source}: on its base disks, thawed, no snapferry export, job or "
-              f"stray bitmap" + ("" if done else " (nothing to clean up)"))
+        print(f"{args.source}: nothing of snapferry's left on it"
+              + ("" if done else " (nothing to clean up)"))
     return 0
 
 

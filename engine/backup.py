@@ -17,9 +17,13 @@ call. It holds the repository lock from construction until ``commit`` or ``abort
 The backup holds the repository's *shared* role: other backups may run at once (each
 writes only new, uniquely named objects); only deleters need the exclusive role.
 
-Sources with a ``max_connections`` attribute (NBD) bound the worker count; a source with
-a ``release()`` method (NBD) is asked to drop its connection once its extents are known,
-so that a server taking a single client accepts the worker's connection.
+Planning comes first, then at most one worker per work item is started. Sources with a
+``max_connections`` attribute (NBD, VDDK) bound the worker count. The caller's
+connections stay open for the whole backup (``qemu-nbd`` without ``-t`` exits when its
+last client leaves); a source with ``spare_connections`` (NBD) says how many more
+clients its server takes, and when that is none the copy runs in this process through
+the caller's connection (``engine/inline_reader.py``), which the backup says in one
+warning line.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from snapferry.engine.errors import BackupAborted, RepositoryError, SnapferryError, UsageError
+from snapferry.engine.inline_reader import InlineReader
 from snapferry.engine.planning import (
     AuditPlan,
     SeriesRequest,
@@ -183,7 +188,7 @@ class BackupSession:
         self.options = options
         self.progress = options.progress
         self._state = "open"
-        self._pool: ReaderPool | None = None
+        self._pool: ReaderPool | InlineReader | None = None
         self._disks: list[_DiskState] = []
         self._written = WrittenObjects()
         self._worker_pids: set[int] = set()
@@ -274,33 +279,16 @@ class BackupSession:
         cpus = len(os.sched_getaffinity(0)) or 1
         # more readers than 4 per CPU only cost memory and connections: cap the request
         workers = min(self.options.workers or cpus, 4 * cpus)
-        for d in disks:
-            limit = getattr(d.source, "max_connections", None)
-            if isinstance(limit, int) and limit > 0:
-                if not callable(getattr(d.source, "release", None)):
-                    limit -= 1  # the caller's connection stays open
-                workers = min(workers, max(1, limit))
-        # Spawn the workers first: their start-up (interpreter, imports) overlaps the
-        # planning below. They open no disk until the first work item arrives, which is
-        # after the caller's connections are released.
-        pool = self._pool = ReaderPool(cfg, max(1, workers))
-        pool.start()
-        self._worker_pids = {sl.proc.pid for sl in pool.slots if sl.proc.pid}
+        # Plan first (the caller's connections give the extents), then start only as
+        # many workers as there are work items: a huge --workers on a small disk must
+        # not start processes that will never get work.
         self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
-        for d in disks:
-            release = getattr(d.source, "release", None)
-            if callable(release):
-                # drop the caller's connection (extents are known): a server that takes
-                # few clients (qemu-nbd -e 1) must accept the workers' connections
-                release()
         n_items = sum(-(-sum(c for _f, c in st.runs) // cfg.item_chunks) for st in self._disks)
-        workers = max(1, min(workers, max(1, n_items)))
-        pool.shrink(workers)
-        self._workers = workers
+        workers = max(1, min(workers, n_items))
+        pool = self._pool = self._start_readers(cfg, workers)
+        self._workers = pool.nworkers if isinstance(pool, ReaderPool) else 1
         total = sum(run_bytes(st.runs, cs, st.size) for st in self._disks)
         self.progress.start(f"backup {self.vm}", total)
-        for st in self._disks:
-            pool.add_disk(st.no, st.input.source.spec(), st.size)
 
         def messages() -> Iterator[Request]:
             for st in self._disks:
@@ -313,10 +301,45 @@ class BackupSession:
         self.progress.finish()
         self._copy_seconds = time.monotonic() - t0
 
+    def _start_readers(self, cfg: PoolConfig, workers: int) -> ReaderPool | InlineReader:
+        """At most ``workers`` reader processes, within what every source allows; or the
+        in-process reader when a source's server takes no client beside the caller's.
+
+        The caller's connections stay open for the whole backup: ``qemu-nbd`` without
+        ``-t`` exits when its last client leaves, so dropping the planning connection
+        before the workers connect ends it. A source with ``spare_connections`` (NBD)
+        is asked how many more clients its server takes right now."""
+        for st in self._disks:
+            src = st.input.source
+            limit = getattr(src, "max_connections", None)
+            spare = getattr(src, "spare_connections", None)
+            if isinstance(limit, int) and limit > 0:
+                if not callable(spare):
+                    limit -= 1  # the caller's connection counts against it
+                workers = min(workers, max(1, limit))
+            if callable(spare):
+                room = int(spare(workers))
+                if room <= 0:
+                    msg = (f"disk {st.input.name}: the NBD server takes no client beside "
+                           "the planning connection: reading through that one connection "
+                           "in this process, without parallel readers (serve it to 2 or "
+                           "more clients, e.g. qemu-nbd -e 2, for reader workers)")
+                    self.warnings.append(msg)
+                    self.progress.note(f"warning: {msg}")
+                    return InlineReader(cfg, {s.no: (s.input.source, s.size)
+                                              for s in self._disks})
+                workers = min(workers, room)
+        pool = ReaderPool(cfg, workers)
+        pool.start()
+        self._worker_pids = {sl.proc.pid for sl in pool.slots if sl.proc.pid}
+        for st in self._disks:
+            pool.add_disk(st.no, st.input.source.spec(), st.size)
+        return pool
+
     def _on_written(self, w: WrittenObjects) -> None:
         self._written.extend(w)
 
-    def _check_audits(self, pool: ReaderPool, item_chunks: int) -> None:
+    def _check_audits(self, pool: ReaderPool | InlineReader, item_chunks: int) -> None:
         """Compare each audited chunk's id with the parent's. A mismatch means the
         tracker missed a write: say so, record it, and read the rest of the disk."""
         cs = self.repo.chunk_size

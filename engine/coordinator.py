@@ -265,6 +265,7 @@ def _one_attempt(
                 extra={"attempts": attempt, "phase_seconds": phases, "warnings": warnings},
             )
             manifest_written = True
+            faults.fire("after-commit")
             phases["total"] = round(time.monotonic() - t_start, 3)
             return VmBackupResult(
                 backup=result,

@@ -15,7 +15,8 @@ Points and their actions:
 
 ==========================  ===============================================================
 ``after-<phase>``            the coordinator finished lifecycle step ``<phase>`` (one of
-                             ``PHASES``); action ``sigint`` / ``sigterm`` / ``sigkill``
+                             ``PHASES``, or ``commit``: manifest written, ``finalize``
+                             not yet run); action ``sigint`` / ``sigterm`` / ``sigkill``
                              sends that signal to the backup process, ``raise`` raises a
                              ``HypervisorError``
 ``worker-kill=N``            a reader worker SIGKILLs itself before its read after N chunks
@@ -44,7 +45,10 @@ from snapferry.engine.errors import HypervisorError
 
 FAULT_ENV = "SNAPFERRY_FAULT"
 PHASES = ("quiesce", "snapshot", "thaw", "export", "copy", "verify", "merge")
-POINTS = (*(f"after-{p}" for p in PHASES), "worker-kill", "worker-stall", "prune-kill")
+# after-commit: the restore point is committed, the hypervisor's bookkeeping
+# (finalize) not yet done; not a lifecycle step that cleanup alone can undo
+POINTS = (*(f"after-{p}" for p in PHASES), "after-commit", "worker-kill", "worker-stall",
+          "prune-kill")
 PHASE_ACTIONS = ("sigint", "sigterm", "sigkill", "raise")
 
 POINTS += ("pack-rot",)  # a reader worker's pack saver (engine/store/saver.py)

@@ -537,13 +537,24 @@ def _main_hidden() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ignoring_stop_signals() -> Iterator[None]:
-    """SIGINT/SIGTERM ignored while a worker is started, so that it starts with both
-    ignored and a Ctrl-C to the process group during its start-up (imports, unpickling:
-    up to a second under load) cannot print a KeyboardInterrupt traceback from
-    ``spawn_main``. An ignored disposition survives the exec; a blocked signal mask
-    does not (multiprocessing's spawn clears it). The parent ignores them only for the
-    fork + exec of one ``Process.start`` (milliseconds). Off the main thread, where
-    handlers cannot be changed, the signals are blocked instead (best effort)."""
+    """SIGINT/SIGTERM held back while a worker is started (one ``Process.start``):
+
+    * the parent's handlers do not run inside ``Process.start``: interrupted between
+      the exec and the hand-over of its preparation data, a child printed ``EOFError``
+      and was left behind (issue 15). A signal arriving meanwhile, on any thread, is
+      recorded and delivered when the start is over, never lost (ignoring both
+      process-wide, the previous way, discarded a SIGTERM the kernel handed to another
+      thread, e.g. numpy's OpenBLAS one, and the backup went on);
+    * the worker execs with SIGINT *ignored* (a disposition that survives the exec; a
+      blocked mask does not reach a spawned child): a Ctrl-C to the process group during
+      its start-up (imports, unpickling: up to a second under load) cannot print a
+      KeyboardInterrupt traceback from ``spawn_main``. SIGINT is ignored in the parent
+      only for the fork + exec itself; a Ctrl-C in that window (about a millisecond)
+      is lost. SIGTERM is not sent to workers by a terminal (a SIGTERM to the whole
+      group kills a starting worker silently); ``worker_main`` ignores both.
+
+    Off the main thread, where handlers cannot be changed, the signals are blocked
+    instead (best effort)."""
     sigs = (signal.SIGINT, signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread():
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
@@ -552,12 +563,35 @@ def _ignoring_stop_signals() -> Iterator[None]:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return
-    old = [signal.signal(s, signal.SIG_IGN) for s in sigs]
+    caught: list[int] = []
+
+    def defer(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    real_spawn = getattr(_mp_util, "spawnv_passfds", None)
+
+    def spawn_without_sigint(path: str, args: list[str], passfds: Any) -> int:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            assert real_spawn is not None
+            return int(real_spawn(path, args, passfds))
+        finally:
+            signal.signal(signal.SIGINT, defer)
+
+    old = [signal.signal(s, defer) for s in sigs]
+    if real_spawn is not None:
+        _mp_util.spawnv_passfds = spawn_without_sigint  # type: ignore[assignment]
+    else:  # another multiprocessing: ignore for the whole start (a Ctrl-C may be lost)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
+        if real_spawn is not None:
+            _mp_util.spawnv_passfds = real_spawn
         for s, h in zip(sigs, old, strict=True):
             signal.signal(s, h)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # to the restored handler (Ctrl-C: KeyboardInterrupt)
 
 
 _LIVE: weakref.WeakSet[ReaderPool] = weakref.WeakSet()
@@ -634,8 +668,9 @@ class ReaderPool:
             )
             with _ignoring_stop_signals():
                 proc.start()
-            child_conn.close()
-            self.slots.append(_Slot(no, proc, parent_conn))
+                # in the slots before a deferred signal is delivered: an abort kills it
+                self.slots.append(_Slot(no, proc, parent_conn))
+                child_conn.close()
 
     def __enter__(self) -> ReaderPool:
         self.start()

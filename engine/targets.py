@@ -82,6 +82,7 @@ class TargetOptions:
     vsphere: VsphereCliOptions = field(default_factory=VsphereCliOptions)
     progress: Progress = field(default_factory=NullProgress)
     work_dir: Path | None = None  # QEMU: overlays + crash state; default per QMP socket
+    reads_disks: bool = True  # False (cleanup): no disk transport needed (vSphere: VDDK)
 
 
 def open_hypervisor(source: str, options: TargetOptions | None = None) -> Hypervisor:
@@ -142,6 +143,8 @@ def _vsphere(source: str, opts: TargetOptions) -> Hypervisor:
     # the command line's --transport wins over the URI's transport= (the backend reads
     # the target's)
     target = dataclasses.replace(target, transport="nbd" if transport == "nbd" else "vddk")
+    if not opts.reads_disks:
+        return VsphereHypervisor(target, options=VsphereOptions(progress=opts.progress))
     if transport == "nbd" and not vo.nbd_uri:
         raise UsageError(
             "--transport nbd needs --nbd-uri (the nbdkit vddk export, e.g. "

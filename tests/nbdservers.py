@@ -101,7 +101,7 @@ class NbdServer:
                 p.kill()
                 p.wait(timeout=10)
 
-    def start(self, timeout: float = 20.0) -> NbdServer:
+    def start(self, timeout: float = 20.0, *, probe: bool = True) -> NbdServer:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -116,7 +116,9 @@ class NbdServer:
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode}: {self.log_text()}"
                 )
-            if self.socket.exists() and _can_connect(self.socket):
+            if self.socket.exists() and (
+                _can_connect(self.socket) if probe else _is_listening(self.socket)
+            ):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -124,6 +126,23 @@ class NbdServer:
                     f"{self.name} did not listen on {self.socket}: {self.log_text()}"
                 )
             time.sleep(0.02)
+
+
+def _is_listening(path: Path) -> bool:
+    """A unix socket in the listening state (/proc/net/unix), found without connecting:
+    a connection would be a client, and a server without ``-t`` exits when it leaves."""
+    want = str(path)
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return _can_connect(path)
+    for line in lines:
+        f = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; St 01 = unconnected, flags
+        # 00010000 = __SO_ACCEPTCON (listening)
+        if len(f) >= 8 and f[7] == want and int(f[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def _can_connect(path: Path) -> bool:
@@ -176,11 +195,13 @@ class NbdServers:
                 self._sockdir = cand
         return self._sockdir / f"{name}-{len(self.servers)}.sock"
 
-    def _start(self, name: str, argv: list[str], sock: Path, export: str) -> NbdServer:
+    def _start(
+        self, name: str, argv: list[str], sock: Path, export: str, *, probe: bool = True
+    ) -> NbdServer:
         log = self.base / f"{sock.stem}.log"
         srv = NbdServer(name, argv, sock, export, log)
         self.servers.append(srv)
-        return srv.start()
+        return srv.start(probe=probe)
 
     def qemu_nbd(
         self,
@@ -193,18 +214,23 @@ class NbdServers:
         read_only: bool = True,
         extra: Sequence[str] = (),
         socket: Path | None = None,
+        persistent: bool = True,
     ) -> NbdServer:
         """``qemu-nbd -t`` exporting ``image``; ``shared`` > 1 makes it advertise
         multi-conn (qemu-nbd's default of 1 client does not). ``socket``: listen there
-        (e.g. the socket of a stopped server: the same NBD URI, so the same source)."""
+        (e.g. the socket of a stopped server: the same NBD URI, so the same source).
+        ``persistent=False`` leaves out ``-t``: the server exits when its last client
+        leaves (its readiness is then checked without connecting)."""
         sock = socket or self._sock("qemu-nbd")
-        argv = ["qemu-nbd", "-t", "-f", fmt, "-k", str(sock), "-e", str(shared), "-x", export]
+        argv = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-e", str(shared), "-x", export]
+        if persistent:
+            argv.insert(1, "-t")
         if read_only:
             argv.append("-r")
         if bitmap is not None:
             argv += ["-B", bitmap]
         argv += [*extra, str(image)]
-        return self._start("qemu-nbd", argv, sock, export)
+        return self._start("qemu-nbd", argv, sock, export, probe=persistent)
 
     def nbdkit(
         self,

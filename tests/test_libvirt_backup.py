@@ -415,6 +415,75 @@ def test_cli_json(lv_domain: LvDomain, work: Path, repo: Repository) -> None:
     assert_domain_clean(d, work)
 
 
+@pytest.mark.parametrize("point", ["after_quiesce", "after_export"])
+def test_cleanup_after_a_killed_cli_backup(lv_domain: LvDomain, work: Path, repo: Repository,
+                                           point: str) -> None:
+    """``snapferry cleanup DOMAIN`` (it was QEMU-only): a CLI backup SIGKILLed with the
+    guest frozen, or with its backup job and new checkpoint in place; cleanup thaws,
+    ends the job, deletes the unbacked checkpoint, removes the scratch files, says each;
+    a second cleanup finds nothing; the next backup is incremental."""
+    from snapferry.engine import faults
+    from snapferry.engine.faults import FAULT_ENV
+
+    d = lv_domain
+    run(d, work, repo)
+    before = len(repo.list_backups())
+    cps = ours(d)
+    env = {**os.environ, FAULT_ENV: faults.spec(**{point: "sigkill"})}
+    p = subprocess.run([str(SNAPFERRY), "backup", d.uri, "--repo", str(repo.path),
+                        "--quiesce", "required", "--workers", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    if point == "after_quiesce":
+        assert d.freeze_status() == "frozen"
+    else:
+        assert backup_job_xml(d) is not None and len(ours(d)) == len(cps) + 1
+    c = subprocess.run([str(SNAPFERRY), "cleanup", d.uri, "--json"], capture_output=True,
+                       text=True, env=dict(os.environ), timeout=300)
+    assert c.returncode == 0, c.stderr
+    actions = " / ".join(json.loads(c.stdout)["actions"])
+    if point == "after_quiesce":
+        assert "thawed" in actions, actions
+    else:
+        assert "ended the backup job" in actions and "deleted checkpoint" in actions, actions
+    assert_domain_clean(d, work)
+    assert ours(d) == cps
+    again = subprocess.run([str(SNAPFERRY), "cleanup", d.uri, "--json"], capture_output=True,
+                           text=True, env=dict(os.environ), timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["actions"] == [], again.stdout
+    r = after_fault(d, work, repo, before)
+    assert r.backup.mode == "incremental"
+
+
+def test_kill_after_commit_next_backup_incremental(lv_domain: LvDomain, work: Path,
+                                                   repo: Repository) -> None:
+    """Issue 15 item 11 on libvirt: SIGKILL after the restore point was committed, before
+    finalize: the next backup chains to it incrementally (its checkpoint was deleted as
+    "never backed by a restore point", so the next backup was full)."""
+    from snapferry.engine import faults
+    from snapferry.engine.faults import FAULT_ENV
+
+    d = lv_domain
+    run(d, work, repo)
+    before = len(repo.list_backups())
+    env = {**os.environ, FAULT_ENV: faults.spec(after_commit="sigkill")}
+    p = subprocess.run([str(SNAPFERRY), "backup", d.uri, "--repo", str(repo.path),
+                        "--quiesce", "required", "--workers", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    assert len(repo.list_backups()) == before + 1
+    killed = max(repo.list_backups(), key=lambda m: m.backup_id)
+    marker = write_known(d, "after-commit-kill", 1, 4096)
+    r = run(d, work, repo)
+    assert r.backup.parent == killed.backup_id
+    assert r.backup.mode == "incremental", r.backup.disks
+    vda = next(x for x in r.backup.disks if x.name == "vda")
+    assert vda.full_reason is None
+    check_restore_point(repo, r.backup.backup_id, marker, work, disk="vda")
+    assert len(ours(d)) == 1  # the parent's and the killed run's old ones are gone
+    assert_domain_clean(d, work)
+
+
 @pytest.fixture(autouse=True)
 def _leave_domain_clean(lv_domain: LvDomain) -> Iterator[None]:
     yield

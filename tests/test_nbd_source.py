@@ -343,17 +343,22 @@ def test_spec_pickles_and_describe_hides_secrets(tmp_path: Path, servers: NbdSer
 
 
 @requires("qemu-nbd", "qemu-img", "qemu-io")
-def test_single_client_server_spec_releases_the_connection(
+def test_single_client_server_release_lets_another_client_in(
     tmp_path: Path, servers: NbdServers
 ) -> None:
-    """qemu-nbd without -e serves one client at a time: ``spec()`` lets the worker in."""
+    """qemu-nbd without -e serves one client at a time. ``spec()`` keeps this object's
+    connection (a server without -t would exit if it were dropped), so the server has
+    no room (``spare_connections`` 0); an explicit ``release()`` lets another client in,
+    and the released source reconnects on its next use."""
     writes = [(0, 0x21, 256 * K)]
     img = make_image(tmp_path / "d.raw", 2 * M, writes)
     srv = servers.qemu_nbd(img, shared=1)
     with NbdSource.open(srv.uri) as src:
         assert src.max_connections == 1
         exts = list(src.extents())
-        spec = src.spec()  # releases src's connection
+        spec = src.spec()
+        assert src.spare_connections(1, timeout_ms=500) == 0
+        src.release()
         with spec.open() as worker:
             buf = bytearray(256 * K)
             worker.readinto(memoryview(buf), 0)

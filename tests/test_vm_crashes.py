@@ -177,6 +177,32 @@ def test_kill_after_merge_next_backup_incremental_without_cleanup(
     assert_vm_clean(lab_vm, work, unlocked=True)
 
 
+def test_kill_after_commit_next_backup_incremental(
+        lab_vm: LabVm, shared: tuple[Path, Repository]) -> None:
+    """Item 11: SIGKILL after the restore point is committed, before the bitmap
+    bookkeeping (the parent's bitmap still disabled, the new one recording): the next
+    backup chains to the killed round's restore point, incrementally (it used to merge
+    the new bitmap away and fall back to a full), with no bitmap pile-up."""
+    work, repo = shared
+    bitmaps_before = {n: snapferry_bitmaps(lab_vm, n) for n in ("lab-disk0", "lab-disk1")}
+    n_before = count_backups(repo)
+    killed_backup(lab_vm, repo, "after_commit")
+    assert count_backups(repo) == n_before + 1  # the killed round's point is there
+    killed = max(repo.list_backups(), key=lambda m: m.backup_id)
+    marker = write_known(lab_vm, "after-commit-kill", 1, 4096)
+    r = run(lab_vm, work, repo)
+    assert r.backup.mode == "incremental", r.backup.disks
+    assert r.backup.parent == killed.backup_id
+    assert all(d.full_reason is None for d in r.backup.disks)
+    check_restore_point(repo, r.backup.backup_id, marker, work)
+    latest = repo.load_manifest(r.backup.backup_id)
+    for d in latest.disks:
+        node = f"lab-{d.name}"
+        assert d.tracking["bitmap"] in snapferry_bitmaps(lab_vm, node)
+        assert len(snapferry_bitmaps(lab_vm, node)) == len(bitmaps_before[node])
+    assert_vm_clean(lab_vm, work, unlocked=True)
+
+
 # -- item 3: two backups of one VM through its two QMP monitors ----------------------------
 
 

@@ -12,7 +12,10 @@ VDDK/NBD data path is another engineer's and is tested end to end elsewhere).
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,6 +216,57 @@ def test_leftover_snapferry_snapshot_is_refused(vcsim: Vcsim) -> None:
     finally:
         hv.close()
     assert observe_vm(vcsim)["snapshots"] == [f"{SNAPSHOT_PREFIX}20240101T000000Z"]
+
+
+def test_cleanup_removes_a_killed_backups_snapshot_and_nothing_else(vcsim: Vcsim) -> None:
+    """``snapferry cleanup VM`` for vSphere (it was QEMU-only): the snapferry snapshot of a
+    dead backup (its description names a pid that is gone) is removed, a foreign one kept;
+    the next backup is no longer refused; a second cleanup finds nothing."""
+    import json
+    import subprocess
+    import sys
+
+    add_foreign_snapshot(vcsim, "before-upgrade")
+    dead = f"snapferry backup in progress (removed when it ends) (pid {2**22 + 7} started 1 " \
+           f"on {socket.gethostname()})"
+    add_foreign_snapshot(vcsim, f"{SNAPSHOT_PREFIX}20240101T000000Z", description=dead)
+    env = {**os.environ, "SNAPFERRY_VSPHERE_PASSWORD": vcsim.password}
+    exe = str(Path(sys.executable).parent / "snapferry")
+
+    def cleanup() -> list[str]:
+        p = subprocess.run([exe, "cleanup", vcsim.uri(VM0), "--json"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return list(json.loads(p.stdout)["actions"])
+
+    actions = cleanup()
+    assert any(f"removed snapshot {SNAPSHOT_PREFIX}20240101T000000Z" in a for a in actions), \
+        actions
+    assert observe_vm(vcsim)["snapshots"] == ["before-upgrade"]
+    assert cleanup() == []
+    hv, _ = backend(vcsim)
+    try:
+        hv.inspect()  # refused before the cleanup ("still carries snapferry snapshot")
+    finally:
+        hv.cleanup()
+        hv.close()
+
+
+def test_cleanup_refuses_a_running_backups_snapshot(vcsim: Vcsim) -> None:
+    """The snapshot of a backup still running on this host (its description names a live
+    pid with its start time) is not removed."""
+    from snapferry.engine.vsphere.backend import holder_text
+
+    name = f"{SNAPSHOT_PREFIX}20240101T000001Z"
+    add_foreign_snapshot(vcsim, name, description="snapferry backup in progress "
+                                                  "(removed when it ends) " + holder_text())
+    hv, _ = backend(vcsim)
+    try:
+        with pytest.raises(HypervisorError, match="belongs to a running snapferry backup"):
+            hv.recover()
+    finally:
+        hv.close()
+    assert observe_vm(vcsim)["snapshots"] == [name]
 
 
 def test_foreign_snapshot_is_allowed_said_and_kept(vcsim: Vcsim) -> None:

@@ -222,7 +222,8 @@ def observe_vm(sim: Vcsim, vm_name: str = VM0) -> dict[str, object]:
         Disconnect(si)
 
 
-def add_foreign_snapshot(sim: Vcsim, name: str, vm_name: str = VM0) -> None:
+def add_foreign_snapshot(sim: Vcsim, name: str, vm_name: str = VM0,
+                         description: str = "") -> None:
     """Create a snapshot as someone else would (own pyvmomi session)."""
     from pyVim.connect import Disconnect, SmartConnect
     from pyVim.task import WaitForTask
@@ -242,6 +243,7 @@ def add_foreign_snapshot(sim: Vcsim, name: str, vm_name: str = VM0) -> None:
             content.rootFolder, [vim.VirtualMachine], True
         )
         vm = next(v for v in view.view if v.name == vm_name)
-        WaitForTask(vm.CreateSnapshot_Task(name=name, memory=False, quiesce=False))
+        WaitForTask(vm.CreateSnapshot_Task(name=name, description=description, memory=False,
+                                           quiesce=False))
     finally:
         Disconnect(si)

@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
-import json
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -49,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from snapferry.engine.crash_state import nbd_socket_path, read_state, update_state
 from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
 from snapferry.engine.libvirt.uri import LibvirtTarget
@@ -138,6 +136,7 @@ class LibvirtHypervisor:
         self._uuid = ""
         self._sources: list[DiskSource] = []
         self._new_checkpoint: str | None = None
+        self._stale_checkpoint: str | None = None  # a killed run's, settled at snapshot()
         self._job = False
         self._finalized = True
         self._freeze_t0: float | None = None
@@ -149,28 +148,14 @@ class LibvirtHypervisor:
         return self.work_dir / STATE_FILE
 
     def _state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._state_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_state(self._state_file)
 
     def _set_state(self, **kv: Any) -> None:
-        st = self._state()
-        st.update(kv)
-        st = {k: v for k, v in st.items() if v}
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st))
-        tmp.replace(self._state_file)
+        update_state(self._state_file, **kv)
 
     @property
     def nbd_socket(self) -> Path:
-        path = self.work_dir.resolve() / "nbd.sock"
-        if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
-            digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-            path = Path(tempfile.gettempdir()) / f"snapferry-lv-{digest}.sock"
-        return path
+        return nbd_socket_path(self.work_dir, "snapferry-lv")
 
     def _offline_socket(self, d: _Disk) -> Path:
         return self.nbd_socket.with_name(f"{self.nbd_socket.stem}-{d.name}.sock")
@@ -350,11 +335,23 @@ class LibvirtHypervisor:
             self._end_job()
         if st.get("frozen"):
             self._try_thaw()
-        stale = st.get("new_checkpoint")
-        if stale:
-            self._delete_checkpoint(str(stale))
-            self._set_state(new_checkpoint=None)
+        # The checkpoint a killed run created waits for snapshot(): if that run committed
+        # its restore point (killed between the manifest and finalize), the restore
+        # point names it and it must stay, or the next backup would be full.
+        self._stale_checkpoint = str(st["new_checkpoint"]) if st.get("new_checkpoint") \
+            else None
         self._remove_leftovers()
+
+    def _settle_stale_checkpoint(self, parents: dict[str, ParentDisk]) -> None:
+        stale, self._stale_checkpoint = self._stale_checkpoint, None
+        if stale is None:
+            return
+        if any(p.tracking.get("checkpoint") == stale for p in parents.values()):
+            self.progress.note(f"kept checkpoint {stale} of an interrupted run: its restore "
+                               "point was committed")
+        else:
+            self._delete_checkpoint(stale)
+        self._set_state(new_checkpoint=None)
 
     # -- quiesce / thaw ----------------------------------------------------------------
     def quiesce(self) -> int:
@@ -528,6 +525,7 @@ class LibvirtHypervisor:
                 self._plan_disk(d, mode, parents.get(d.name))
             self._start_offline()
             return
+        self._settle_stale_checkpoint(parents)
         said_raw = False
         for d in self._disks:
             self._plan_disk(d, mode, parents.get(d.name))
@@ -788,6 +786,63 @@ class LibvirtHypervisor:
             self._set_state(pid=None)
         if errors:
             raise HypervisorError("cleanup incomplete: " + "; ".join(errors))
+
+    def recover(self) -> list[str]:
+        """``snapferry cleanup DOMAIN``: from whatever a killed backup left (its state
+        file is the hint, libvirt's answers decide): thaw a freeze of ours, end our backup
+        job (recognised by its NBD socket), delete the checkpoint a killed run created
+        but never finished, stop the qemu-nbd of an offline run, remove scratch files
+        and sockets. Refuses while another snapferry process backs the domain up; leaves
+        anyone else's job or freeze alone (and says so). One line per action."""
+        lv = self._lv
+        done: list[str] = []
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        st = self._state()
+        other = int(st.get("pid", 0))
+        if other and other != os.getpid() and process_alive(other):
+            raise HypervisorError(
+                f"another snapferry backup of domain {self.target.domain} is running "
+                f"(pid {other})"
+            )
+        dom = self._dom()
+        state, _reason = dom.state()
+        self._offline = state == lv.VIR_DOMAIN_SHUTOFF
+        with contextlib.suppress(HypervisorError):
+            self._disks = self._read_disks(dom)
+        if st.get("qemu_nbd"):
+            self._stop_qemu_nbd()
+            done.append("stopped the qemu-nbd of an interrupted offline backup")
+        if not self._offline:
+            frozen = False
+            try:
+                dom.fsInfo(0)
+            except lv.libvirtError as e:
+                frozen = "frozen" in self._err(e)
+            if frozen and st.get("frozen"):
+                self._try_thaw()
+                done.append("thawed the guest's filesystems (frozen by an interrupted backup)")
+            elif frozen:
+                done.append("the guest is frozen, not by snapferry: left alone "
+                            f"(virsh domfsthaw {self.target.domain})")
+            xml = self._backup_xml()
+            if xml is not None and self._job_is_ours(xml):
+                self._job = True
+                self._end_job()
+                done.append("ended the backup job of an interrupted backup")
+            elif xml is not None:
+                done.append("a backup job snapferry did not start is running: left alone")
+            stale = st.get("new_checkpoint")
+            if stale:
+                self._delete_checkpoint(str(stale))
+                done.append(f"deleted checkpoint {stale} (created by an interrupted backup)")
+        leftovers = [*self.work_dir.glob(f"*{SCRATCH_SUFFIX}")]
+        if self.nbd_socket.exists():
+            leftovers.append(self.nbd_socket)
+        self._remove_leftovers()
+        if leftovers:
+            done.append(f"removed {len(leftovers)} scratch file(s)/socket(s) in {self.work_dir}")
+        self._set_state(pid=None, frozen=False, job=False, new_checkpoint=None)
+        return done
 
     def close(self) -> None:
         self._close_sources()

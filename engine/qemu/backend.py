@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -40,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapferry.engine.crash_state import nbd_socket_path, read_state, update_state
 from snapferry.engine.errors import HypervisorError, QuiesceError, SnapferryError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
 from snapferry.engine.procs import process_start
@@ -195,6 +194,9 @@ class QemuHypervisor:
         self._sources: list[DiskSource] = []
         self._snapshotted = False
         self._finalized = False
+        # interrupted rounds' bitmaps are put right at snapshot(), where the parent
+        # restore points (and so the bitmaps a committed round left) are known
+        self._bitmaps_deferred = False
         self.freeze_limit = freeze_limit
         self._watchdog: _Watchdog | None = None
         self._released_watchdogs: list[_Watchdog] = []
@@ -209,28 +211,14 @@ class QemuHypervisor:
         return self.work_dir / "qemu-state.json"
 
     def _state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._state_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_state(self._state_file)
 
     def _set_state(self, **kv: Any) -> None:
-        st = self._state()
-        st.update(kv)
-        st = {k: v for k, v in st.items() if v}
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st))
-        tmp.replace(self._state_file)
+        update_state(self._state_file, **kv)
 
     @property
     def _nbd_socket(self) -> Path:
-        path = self.work_dir.resolve() / "nbd.sock"
-        if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
-            digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-            path = Path(tempfile.gettempdir()) / f"snapferry-nbd-{digest}.sock"
-        return path
+        return nbd_socket_path(self.work_dir, "snapferry-nbd")
 
     # -- the per-VM lock (held in QEMU, so every monitor and repository sees it) --------
     def _lock_holder(self) -> dict[str, Any] | None:
@@ -326,8 +314,12 @@ class QemuHypervisor:
         self._qmp.connect()
         self.lock()
         # Holding the lock, whatever snapferry state QEMU shows is an interrupted
-        # backup's: put it right first (merge overlays, drop exports, restore bitmaps).
+        # backup's: put it right first (merge overlays, drop exports). Its bitmaps wait
+        # for snapshot(): whether its round committed a restore point decides which
+        # bitmap to keep (a kill between the commit and finalize() left the parent's
+        # disabled and the new one recording — the one the new restore point names).
         errs: list[str] = []
+        self._bitmaps_deferred = True
         self._cleanup_qemu(errs)
         if errs:
             raise HypervisorError("cannot clear an interrupted backup's leftovers: "
@@ -539,6 +531,14 @@ class QemuHypervisor:
         self._ensure_inspected()
         now = dt.datetime.now(dt.UTC)
         stamp = now.strftime("%Y%m%dT%H%M%S") + f"-{now.microsecond:06d}"
+        if self._bitmaps_deferred:
+            self._bitmaps_deferred = False
+            tracked = {str(p.tracking["bitmap"]) for p in parents.values()
+                       if p.tracking.get("bitmap")}
+            before = len(self.actions)
+            self._restore_orphaned_bitmaps(committed=tracked)
+            for a in self.actions[before:]:
+                self.progress.note(f"leftover of an interrupted backup: {a}")
         nodes = self._nodes()
         actions: list[dict[str, Any]] = []
         for d in self._disks:
@@ -809,11 +809,16 @@ class QemuHypervisor:
                 raise HypervisorError(f"dirty bitmap bookkeeping failed: {e.desc}") from e
         self._finalized = True
 
-    def _restore_orphaned_bitmaps(self) -> None:
+    def _restore_orphaned_bitmaps(self, committed: set[str] | frozenset[str] = frozenset()
+                                  ) -> None:
         """Stateless failure bookkeeping (a crashed or unfinalized backup): a disabled
-        ``snapferry-*`` bitmap is a parent whose backup never finished; merge every newer
-        ``snapferry-*`` bitmap into it, re-enable it, drop the newer ones. Safe: at worst
-        the next backup of that disk is full, it can never miss a write."""
+        ``snapferry-*`` bitmap is a parent whose backup never finished its bookkeeping.
+        If a newer bitmap is in ``committed`` (a restore point names it: the round was
+        committed, then killed before ``finalize``), the disabled parent is dropped, as
+        ``finalize(True)`` would have done, and the next backup stays incremental.
+        Otherwise every newer ``snapferry-*`` bitmap is merged into it, it is re-enabled
+        and the newer ones dropped. Safe: at worst the next backup of that disk is full,
+        it can never miss a write."""
         actions: list[dict[str, Any]] = []
         done: list[str] = []
         for node, n in self._nodes().items():
@@ -823,6 +828,13 @@ class QemuHypervisor:
                 if b.get("recording", True) or b.get("busy") or b.get("inconsistent"):
                     continue
                 newer = [x for x in sorted(bms) if x > name]
+                kept = [x for x in newer if x in committed and bms[x].get("recording", True)]
+                if kept:
+                    actions.append({"type": "block-dirty-bitmap-remove",
+                                    "data": {"node": node, "name": name}})
+                    done.append(f"dropped bitmap {name} on {node} (its backup was "
+                                f"committed; {kept[0]} tracks the writes since)")
+                    break
                 if not newer:
                     # nothing recorded the writes since it was disabled: it can only
                     # mislead an incremental; dropping it makes the next backup full
@@ -920,7 +932,7 @@ class QemuHypervisor:
             try:
                 if any(d.new_bitmap for d in self._disks):
                     self.finalize(False)  # this process's round: it knows its bitmaps
-                else:
+                elif not self._bitmaps_deferred:  # deferred: the next snapshot() decides
                     self._restore_orphaned_bitmaps()
                 self._finalized = True
             except QmpConnectionError:

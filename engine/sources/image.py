@@ -185,6 +185,9 @@ class ImageSource:
     def release(self) -> None:
         self._src().release()
 
+    def spare_connections(self, want: int) -> int:
+        return self._src().spare_connections(want)
+
     def extents(
         self, offset: int = 0, length: int | None = None, *, dirty: bool = False
     ) -> Iterator[Extent]:

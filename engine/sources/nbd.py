@@ -11,10 +11,16 @@ URIs are the standard NBD URIs libnbd understands: ``nbd://host[:port]/export``,
   32 MiB, aligned to the minimum block size) with several in flight on the connection.
 * Multi-conn: ``max_connections`` is 1 unless the server advertises CAN_MULTI_CONN; the
   reader pool must not open more connections (``clone``/``spec().open()``) than that.
+* Client limits: a backup keeps this object's connection open from planning to the end
+  (``qemu-nbd`` without ``-t`` exits when its last client leaves), so it asks
+  ``spare_connections`` how many more clients the server takes *now*; a server at its
+  client limit (``qemu-nbd -e 1``) leaves a new connection unanswered in its listen
+  backlog, which the probe's short handshake deadline turns into "none".
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ DEFAULT_IN_FLIGHT = 8
 MULTI_CONN_LIMIT = 16  # connections the pool may open when the server allows multi-conn
 READ_TIMEOUT_MS = 120_000  # a server silent this long with requests in flight is stuck
 CONNECT_TIMEOUT_MS = 30_000  # handshake deadline (a server at its client limit never answers)
+PROBE_TIMEOUT_MS = 1_000  # spare_connections: a greeting later than this counts as "no room"
 BLOCK_STATUS_MAX = 1 << 30  # bytes asked for in one NBD_CMD_BLOCK_STATUS
 DIRTY = 1  # bit 0 of a qemu:dirty-bitmap context
 
@@ -195,13 +202,31 @@ class NbdSource:
         }
 
     def spec(self) -> NbdSpec:
-        """The recipe for another connection. Without multi-conn the reader pool uses a
-        single worker connection, so this object's own connection is released first
-        (reopened on next use): servers with a client limit of one, such as
-        ``qemu-nbd`` without ``-e``, would otherwise never answer the worker."""
-        if not self._multi_conn:
-            self.release()
+        """The recipe for another connection (this object's own stays open: a server
+        without ``-t`` exits when its last client leaves; see ``spare_connections``)."""
         return self._spec
+
+    def spare_connections(self, want: int, timeout_ms: int = PROBE_TIMEOUT_MS) -> int:
+        """How many more clients, up to ``want``, the server accepts while this
+        object's connection stays open. Probe connections are opened one by one and
+        held (so each one counts against the server's limit) until one fails to finish
+        its handshake within ``timeout_ms``, then all are closed. A server at its client
+        limit (``qemu-nbd -e N`` with N clients) leaves the probe unanswered in its
+        listen backlog: 0 means "read over this connection only"."""
+        self._handle()  # ours first: the probes must not take the slot it needs
+        probes: list[NbdHandle] = []
+        try:
+            while len(probes) < want:
+                try:
+                    probes.append(_connect(self._spec, timeout_ms))
+                except SourceError:
+                    break
+            return len(probes)
+        finally:
+            for h in probes:
+                with contextlib.suppress(NbdError):
+                    h.shutdown()
+                h.close()
 
     def clone(self) -> NbdSource:
         return self._spec.open()
@@ -369,8 +394,7 @@ class NbdSource:
         return h
 
     def release(self) -> None:
-        """Drop this object's connection now; the next call opens a new one. Servers
-        that limit their clients (``qemu-nbd -e 1``) then accept a worker's connection."""
+        """Drop this object's connection now; the next call opens a new one."""
         h, self._h = self._h, None
         if h is not None:
             try:

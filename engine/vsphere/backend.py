@@ -24,6 +24,9 @@ template); tests plug a ``source_factory``.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from pyVmomi import vim, vmodl
 
 from snapferry.engine.errors import HypervisorError, QuiesceError, UsageError
 from snapferry.engine.hypervisor import BackupMode, DiskPlan, ParentDisk, VmInfo
+from snapferry.engine.procs import process_alive, process_start
 from snapferry.engine.progress import NullProgress, Progress
 from snapferry.engine.source import DiskSource
 from snapferry.engine.vsphere.cbt import (
@@ -52,6 +56,27 @@ from snapferry.engine.vsphere.connect import (
 from snapferry.engine.vsphere.uri import VsphereTarget, parse_vsphere_uri
 
 SNAPSHOT_PREFIX = "snapferry-"
+# the snapshot's description names its holder, so that cleanup can tell a live backup's
+# snapshot (refused) from a killed one's (removed)
+HOLDER_RE = re.compile(r"\(pid (\d+) started (\S+) on (\S+)\)")
+
+
+def holder_text() -> str:
+    """``(pid N started T on HOST)`` for this process (T: its /proc start time)."""
+    return f"(pid {os.getpid()} started {process_start(os.getpid()) or '-'} on " \
+           f"{socket.gethostname()})"
+
+
+def live_holder(description: str | None) -> str | None:
+    """The holder named in a snapshot description if it is a live process on this host
+    (same pid and start time), else None (dead, another host, or no holder named)."""
+    m = HOLDER_RE.search(description or "")
+    if m is None or m.group(3) != socket.gethostname():
+        return None
+    pid, start = int(m.group(1)), m.group(2)
+    if not process_alive(pid, None if start == "-" else start):
+        return None
+    return f"pid {pid} on {m.group(3)}"
 
 # (disk_path, snapshot_moref, vm_moref) -> DiskSource
 SourceFactory = Callable[[str, str, str], DiskSource]
@@ -292,7 +317,7 @@ class VsphereHypervisor:
             ids = ", ".join(f"{n.name} ({n.snapshot._moId})" for n in leftovers)
             raise HypervisorError(
                 f"VM {config.name} still carries snapferry snapshot(s) {ids} from an earlier "
-                "run: make sure no backup is running, delete them in vSphere, then retry"
+                "run: `snapferry cleanup` the VM (it refuses while that backup runs), then retry"
             )
         foreign = [n.name for n in self._snapshot_nodes()]
         if foreign:
@@ -370,7 +395,8 @@ class VsphereHypervisor:
             snap = self._wait(
                 vm.CreateSnapshot_Task(
                     name=name,
-                    description="snapferry backup in progress (removed when it ends)",
+                    description="snapferry backup in progress (removed when it ends) "
+                                + holder_text(),
                     memory=False,
                     quiesce=self._quiesce,
                 ),
@@ -610,6 +636,34 @@ class VsphereHypervisor:
         if not errors:
             self._snap = None
         self._consolidate_if_needed()
+
+    def recover(self) -> list[str]:
+        """``snapferry cleanup VM``: remove the ``snapferry-*`` snapshots a killed backup
+        left (the ones ``inspect`` refuses to run beside) and consolidate the disks.
+        A snapshot whose description names a live snapferry process on this host is a
+        running backup's: refused. Other snapshots are never touched. vSphere keeps no
+        other state of ours (the changeIds live in the manifests)."""
+        self._connect()
+        vm = self.vm
+        done: list[str] = []
+        ours = [n for n in self._snapshot_nodes() if n.name.startswith(SNAPSHOT_PREFIX)]
+        for n in ours:
+            holder = live_holder(getattr(n, "description", None))
+            if holder is not None:
+                raise HypervisorError(
+                    f"snapshot {n.name} of {vm.name} belongs to a running snapferry backup "
+                    f"({holder}): not removed")
+        for n in ours:
+            snap = n.snapshot
+            self._call(f"removing snapshot {n.name} ({snap._moId})",
+                       partial(snap.RemoveSnapshot_Task, removeChildren=False,
+                               consolidate=True))
+            done.append(f"removed snapshot {n.name} ({snap._moId}) left by an interrupted "
+                        "backup")
+        if vm.runtime.consolidationNeeded:
+            self._consolidate_if_needed()
+            done.append(f"consolidated the disks of {vm.name}")
+        return done
 
     def close(self) -> None:
         self._close_sources()
