@@ -7,8 +7,9 @@ call. It holds the repository lock from construction until ``commit`` or ``abort
   full copy (``DiskInput.changed is None``), or the changed byte ranges rounded out to
   chunks, the rest of the index copied from the parent restore point — go to the
   reader pool; the parent process only assembles the index (numpy) and the counts.
-* verify: every pack this backup wrote exists; with ``verify="full"`` each is read back
-  and every blob in it decoded and re-hashed (by the workers, in parallel).
+* verify: every pack this backup wrote exists (``verify="quick"``, the default); with
+  ``verify="full"`` each is also read back and every blob in it decoded and re-hashed
+  (by the worker that wrote it, right after the save).
 * commit: ``Repository.commit_restore_point`` (changed index pages, their pack and index
   file, the collision check against concurrent writers, manifest last).
 * abort: workers killed, the packs and index files this backup saved removed, its temp
@@ -87,7 +88,7 @@ INTERRUPTED = "interrupted: backup rolled back, no restore point written"
 @dataclass
 class BackupOptions:
     workers: int = 0  # 0: one per CPU
-    verify: VerifyLevel = "full"
+    verify: VerifyLevel = "quick"
     parent: str | None = None  # explicit parent id; None: latest restore point of the vm
     progress: Progress = field(default_factory=NullProgress)
     no_parent: bool = False  # True: a full backup with no parent whatever exists
