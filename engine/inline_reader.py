@@ -12,6 +12,7 @@ of ``ReaderPool``'s interface that ``BackupSession`` uses (``run``, ``close``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any
 from snapferry.engine.pool import PoolConfig, PoolStats, Request, WorkerStats
 from snapferry.engine.pool import _Worker as Worker
 from snapferry.engine.source import DiskSource
+from snapferry.engine.store.chunks import WrittenObjects
 
 
 class InlineReader:
@@ -63,5 +65,18 @@ class InlineReader:
             rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             self.stats.workers.append(WorkerStats(0, os.getpid(), w.done_chunks, rss))
 
-    def terminate(self) -> None:
+    def terminate(self) -> WrittenObjects:
+        """Stop here (a failure or a signal): waits for a pack save under way (it runs
+        on this process's saver thread) and returns what was saved and not yet
+        reported, for the caller to remove."""
+        w = self._worker
+        left = WrittenObjects()
+        if w is not None:
+            saver = w.writer.saver
+            if saver is not None:
+                with contextlib.suppress(BaseException):
+                    saver.wait()  # the pack being filled is not saved: abort drops it
+            with contextlib.suppress(Exception):
+                left = w.writer.take_written()
         self._shut()
+        return left
