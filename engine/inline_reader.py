@@ -49,7 +49,12 @@ class InlineReader:
         if w is None:
             raise RuntimeError("the in-process reader is closed")
         for msg in messages:
-            on_result(w.handle(msg))
+            try:
+                result = w.handle(msg)
+            except BaseException as e:
+                _drop_frames(e)
+                raise
+            on_result(result)
 
     def _shut(self) -> Worker | None:
         w, self._worker = self._worker, None
@@ -80,3 +85,19 @@ class InlineReader:
                 left = w.writer.take_written()
         self._shut()
         return left
+
+
+def _drop_frames(e: BaseException) -> None:
+    """Forget the reader's frames in ``e``'s traceback chain: they hold slices of its
+    segment buffers, and a traceback kept until interpreter exit (the CLI's error path)
+    made the exit print "BufferError: memoryview has 1 exported buffer" after the one
+    error line. The raise in ``run`` starts a fresh traceback there."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        x.__traceback__ = None
+        stack += [x.__context__, x.__cause__]
