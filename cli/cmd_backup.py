@@ -30,6 +30,7 @@ EXAMPLES = """
   snapferry backup 'nbd+unix:///?socket=/run/disk.sock' --name disk1 --bitmap b0
   snapferry backup 'qemu+unix:///run/vm1/qmp.sock?agent=/run/vm1/qga.sock'
   snapferry backup lab --mode full --json
+  snapferry backup disk.raw --verify full                 # read new packs back too
 """
 NOTES = """sources:
   disk.raw, vm.qcow2, /dev/vg/lv     an image file (any format qemu-img knows) or device
@@ -57,8 +58,11 @@ def add_parser(
                                   "NBD URI; a VM's name)")
     p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
                    help="reader worker processes (default: 0, one per CPU)")
-    p.add_argument("--verify", choices=("full", "quick"), default="full",
-                   help="pre-commit check: full re-reads new chunks, quick checks headers")
+    p.add_argument("--verify", choices=("full", "quick"), default="quick",
+                   help="pre-commit check (default: quick): quick checks that every pack "
+                        "this backup wrote is in the repository; full also reads each back "
+                        "and re-hashes its chunks (schedule `snapferry verify --read-data` "
+                        "to check the medium)")
     p.add_argument("--bitmap", metavar="NAME",
                    help="NBD or qcow2 image: the dirty bitmap an incremental reads")
     p.add_argument("--source-format", metavar="FMT", default=None,

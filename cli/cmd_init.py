@@ -6,7 +6,7 @@ import argparse
 
 from snapferry.cli.common import REPO_ENV, epilog, parse_size
 from snapferry.cli.output import emit_json, human_bytes
-from snapferry.engine.store.repo import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL
+from snapferry.engine.repo_defaults import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL
 
 HELP = "create a repository"
 EXAMPLES = """

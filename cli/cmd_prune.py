@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from snapferry.cli.common import epilog
 from snapferry.cli.output import emit_json, human_bytes
-from snapferry.engine.store.prune import PruneReport
+
+if TYPE_CHECKING:  # the store (numpy, zstd, crypto) loads when a command runs, not at start
+    from snapferry.engine.store.prune import PruneReport
 
 _P = TypeVar("_P", bound=argparse.ArgumentParser)
 HELP = "delete and repack packs no restore point needs; remove leftovers of killed backups"

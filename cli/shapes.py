@@ -5,9 +5,10 @@ the engine returns; no decisions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from snapferry.engine.store.manifest import DiskEntry, Manifest
+if TYPE_CHECKING:  # annotations only: the store loads when a command runs
+    from snapferry.engine.store.manifest import DiskEntry, Manifest
 
 DISK_KEYS = (
     "name", "virtual_size", "chunks", "zero_chunks", "chunks_new", "chunks_reused",

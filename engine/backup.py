@@ -7,8 +7,9 @@ call. It holds the repository lock from construction until ``commit`` or ``abort
   full copy (``DiskInput.changed is None``), or the changed byte ranges rounded out to
   chunks, the rest of the index copied from the parent restore point — go to the
   reader pool; the parent process only assembles the index (numpy) and the counts.
-* verify: every pack this backup wrote exists; with ``verify="full"`` each is read back
-  and every blob in it decoded and re-hashed (by the workers, in parallel).
+* verify: every pack this backup wrote exists (``verify="quick"``, the default); with
+  ``verify="full"`` each is also read back and every blob in it decoded and re-hashed
+  (by the worker that wrote it, right after the save).
 * commit: ``Repository.commit_restore_point`` (changed index pages, their pack and index
   file, the collision check against concurrent writers, manifest last).
 * abort: workers killed, the packs and index files this backup saved removed, its temp
@@ -23,7 +24,10 @@ connections stay open for the whole backup (``qemu-nbd`` without ``-t`` exits wh
 last client leaves); a source with ``spare_connections`` (NBD) says how many more
 clients its server takes, and when that is none the copy runs in this process through
 the caller's connection (``engine/inline_reader.py``), which the backup says in one
-warning line.
+warning line. A small incremental (every disk tracked, at most
+``BackupOptions.inline_max_bytes`` to read, the worker count left automatic) also runs
+in this process: spawning workers (an interpreter and its imports each) costs more than
+reading a few hundred MiB.
 """
 
 from __future__ import annotations
@@ -84,14 +88,20 @@ VerifyLevel = Literal["full", "quick"]
 INTERRUPTED = "interrupted: backup rolled back, no restore point written"
 
 
+INLINE_MAX_BYTES = 256 << 20
+
+
 @dataclass
 class BackupOptions:
     workers: int = 0  # 0: one per CPU
-    verify: VerifyLevel = "full"
+    verify: VerifyLevel = "quick"
     parent: str | None = None  # explicit parent id; None: latest restore point of the vm
     progress: Progress = field(default_factory=NullProgress)
     no_parent: bool = False  # True: a full backup with no parent whatever exists
     item_bytes: int = 8 << 20  # bytes per work item handed to a worker
+    # an incremental reading at most this much (and ``workers`` automatic) runs in this
+    # process instead of spawning workers; 0: never
+    inline_max_bytes: int = INLINE_MAX_BYTES
     audit: float = 0.0  # percent of clean chunks of incremental disks to re-read (CBT audit)
     audit_seed: int | None = None  # seed of the audit's sample (None: random)
     identity: str | None = None  # the source's identity, recorded in the manifest
@@ -122,6 +132,7 @@ class BackupResult:
     consistency: str
     verified: str
     workers: int = 0
+    in_process: bool = False  # read in the backup process itself (no worker processes)
     copy_seconds: float = 0.0
     verify_seconds: float = 0.0
     worker_peak_rss_kib: list[int] = field(default_factory=list)
@@ -196,6 +207,7 @@ class BackupSession:
         self._copy_seconds = 0.0
         self._verify_seconds = 0.0
         self._workers = 0
+        self._in_process = False
         self._rss: list[int] = []
         self.warnings: list[str] = []
         self._locks = contextlib.ExitStack()
@@ -285,9 +297,17 @@ class BackupSession:
         self._disks = [self._plan(no, d) for no, d in enumerate(disks)]
         n_items = sum(-(-sum(c for _f, c in st.runs) // cfg.item_chunks) for st in self._disks)
         workers = max(1, min(workers, n_items))
-        pool = self._pool = self._start_readers(cfg, workers)
-        self._workers = pool.nworkers if isinstance(pool, ReaderPool) else 1
         total = sum(run_bytes(st.runs, cs, st.size) for st in self._disks)
+        small = (self.options.workers == 0 and total <= self.options.inline_max_bytes
+                 and all(st.input.changed is not None for st in self._disks))
+        if small:
+            pool: ReaderPool | InlineReader = InlineReader(
+                cfg, {s.no: (s.input.source, s.size) for s in self._disks})
+            self._pool = pool
+        else:
+            pool = self._pool = self._start_readers(cfg, workers)
+        self._in_process = isinstance(pool, InlineReader)
+        self._workers = pool.nworkers if isinstance(pool, ReaderPool) else 1
         self.progress.start(f"backup {self.vm}", total)
 
         def messages() -> Iterator[Request]:
@@ -469,6 +489,7 @@ class BackupSession:
             "pipeline",
             {
                 "workers": self._workers,
+                "in_process": self._in_process,
                 "copy_seconds": round(self._copy_seconds, 3),
                 "verify_seconds": round(self._verify_seconds, 3),
                 "worker_peak_rss_kib": self._rss,
@@ -504,6 +525,7 @@ class BackupSession:
             consistency=consistency,
             verified=self.options.verify,
             workers=self._workers,
+            in_process=self._in_process,
             copy_seconds=round(self._copy_seconds, 3),
             verify_seconds=round(self._verify_seconds, 3),
             worker_peak_rss_kib=self._rss,
@@ -517,9 +539,13 @@ class BackupSession:
             return
         self._state = "aborted"
         try:
-            if self._pool is not None:
-                self._pool.terminate()
-                self._pool = None
+            pool, self._pool = self._pool, None
+            if isinstance(pool, InlineReader):
+                # its pack saver runs in this process: wait for a save under way, and
+                # remove what it saved but had not reported yet
+                self._written.extend(pool.terminate())
+            elif pool is not None:
+                pool.terminate()
             if not self.repo.has_backup(self.backup_id):
                 self.repo.remove_objects(self._written)
                 mine = {os.getpid(), *self._worker_pids}

@@ -45,7 +45,7 @@ class VmBackupOptions:
     quiesce: QuiescePolicy = "preferred"
     retries: int = 1
     workers: int = 0
-    verify: Literal["full", "quick"] = "full"
+    verify: Literal["full", "quick"] = "quick"
     parent: str | None = None
     progress: Progress = field(default_factory=NullProgress)
     audit: float = 0.0  # CBT audit: percent of clean chunks re-read (the CLI's default: 1)

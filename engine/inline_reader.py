@@ -12,6 +12,7 @@ of ``ReaderPool``'s interface that ``BackupSession`` uses (``run``, ``close``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any
 from snapferry.engine.pool import PoolConfig, PoolStats, Request, WorkerStats
 from snapferry.engine.pool import _Worker as Worker
 from snapferry.engine.source import DiskSource
+from snapferry.engine.store.chunks import WrittenObjects
 
 
 class InlineReader:
@@ -47,7 +49,12 @@ class InlineReader:
         if w is None:
             raise RuntimeError("the in-process reader is closed")
         for msg in messages:
-            on_result(w.handle(msg))
+            try:
+                result = w.handle(msg)
+            except BaseException as e:
+                _drop_frames(e)
+                raise
+            on_result(result)
 
     def _shut(self) -> Worker | None:
         w, self._worker = self._worker, None
@@ -63,5 +70,34 @@ class InlineReader:
             rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             self.stats.workers.append(WorkerStats(0, os.getpid(), w.done_chunks, rss))
 
-    def terminate(self) -> None:
+    def terminate(self) -> WrittenObjects:
+        """Stop here (a failure or a signal): waits for a pack save under way (it runs
+        on this process's saver thread) and returns what was saved and not yet
+        reported, for the caller to remove."""
+        w = self._worker
+        left = WrittenObjects()
+        if w is not None:
+            saver = w.writer.saver
+            if saver is not None:
+                with contextlib.suppress(BaseException):
+                    saver.wait()  # the pack being filled is not saved: abort drops it
+            with contextlib.suppress(Exception):
+                left = w.writer.take_written()
         self._shut()
+        return left
+
+
+def _drop_frames(e: BaseException) -> None:
+    """Forget the reader's frames in ``e``'s traceback chain: they hold slices of its
+    segment buffers, and a traceback kept until interpreter exit (the CLI's error path)
+    made the exit print "BufferError: memoryview has 1 exported buffer" after the one
+    error line. The raise in ``run`` starts a fresh traceback there."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        x.__traceback__ = None
+        stack += [x.__context__, x.__cause__]

@@ -58,7 +58,7 @@ def test_backup_json_modes(lab_vm: LabVm, tmp_path: Path,
     assert set(full) >= KEYS, KEYS - set(full)
     assert full["mode"] == "full" and full["parent"] is None
     assert full["quiesced"] is True and full["consistency"] == "filesystem"
-    assert full["freeze_ms"] > 0 and full["committed"] is True and full["verified"] == "full"
+    assert full["freeze_ms"] > 0 and full["committed"] is True and full["verified"] == "quick"
     assert full["seconds"] > 0
     assert [d["name"] for d in full["disks"]] == ["disk0", "disk1"]
     assert all(d["virtual_size"] == 32 << 20 for d in full["disks"])

@@ -34,8 +34,8 @@ from snapferry.engine.store.pack import PackWriter, WrittenObjects
 
 REPO_FORMAT = 2
 REPO_KIND = "snapferry-repository"
-DEFAULT_CHUNK_SIZE = 128 << 10  # see docs/chunk-size.md
-DEFAULT_ZSTD_LEVEL = 1  # see docs/chunk-size.md
+from snapferry.engine.repo_defaults import DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL  # noqa: E402
+
 DEFAULT_PACK_SIZE = 32 << 20  # see docs/chunk-size.md, *Pack size*
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 4 << 20
