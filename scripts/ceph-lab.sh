@@ -75,6 +75,10 @@ memstore device bytes = 4294967296
 paxos propose interval = 0.01
 paxos min wait = 0.01
 mon warn on pool no redundancy = false
+# the OSD keeps its data in memory (memstore): a host disk under 5 % free (Ceph's
+# default floor, which makes the monitor refuse to start) does not matter to this lab
+mon data avail crit = 1
+mon data avail warn = 2
 run dir = $dir/run
 admin socket = $dir/run/\$name.asok
 log file = $dir/\$name.log
