@@ -535,6 +535,9 @@ def _main_hidden() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
+_SH = "/bin/sh"
+
+
 @contextlib.contextmanager
 def _ignoring_stop_signals() -> Iterator[None]:
     """SIGINT/SIGTERM held back while a worker is started (one ``Process.start``):
@@ -548,10 +551,11 @@ def _ignoring_stop_signals() -> Iterator[None]:
     * the worker execs with SIGINT *ignored* (a disposition that survives the exec; a
       blocked mask does not reach a spawned child): a Ctrl-C to the process group during
       its start-up (imports, unpickling: up to a second under load) cannot print a
-      KeyboardInterrupt traceback from ``spawn_main``. SIGINT is ignored in the parent
-      only for the fork + exec itself; a Ctrl-C in that window (about a millisecond)
-      is lost. SIGTERM is not sent to workers by a terminal (a SIGTERM to the whole
-      group kills a starting worker silently); ``worker_main`` ignores both.
+      KeyboardInterrupt traceback from ``spawn_main``. ``/bin/sh`` sets that
+      disposition and execs the interpreter, so the parent never ignores SIGINT and a
+      Ctrl-C during the fork + exec is deferred like any other. SIGTERM is not sent to
+      workers by a terminal (a SIGTERM to the whole group kills a starting worker
+      silently); ``worker_main`` ignores both.
 
     Off the main thread, where handlers cannot be changed, the signals are blocked
     instead (best effort)."""
@@ -570,13 +574,14 @@ def _ignoring_stop_signals() -> Iterator[None]:
 
     real_spawn = getattr(_mp_util, "spawnv_passfds", None)
 
-    def spawn_without_sigint(path: str, args: list[str], passfds: Any) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            assert real_spawn is not None
-            return int(real_spawn(path, args, passfds))
-        finally:
-            signal.signal(signal.SIGINT, defer)
+    def spawn_without_sigint(path: str | bytes, args: list[str], passfds: Any) -> int:
+        # the worker's interpreter must start with SIGINT ignored, but this process must
+        # not ignore it even for the fork + exec (a Ctrl-C then was lost): a shell sets
+        # the disposition (it survives the exec) and execs the interpreter, passed fds kept
+        assert real_spawn is not None
+        argv = [_SH, "-c", 'trap "" INT; exec "$0" "$@"', os.fsdecode(path), *args[1:]]
+        sh: Any = os.fsencode(_SH) if isinstance(path, bytes) else _SH
+        return int(real_spawn(sh, argv, passfds))
 
     old = [signal.signal(s, defer) for s in sigs]
     if real_spawn is not None:
