@@ -147,6 +147,18 @@ class LibvirtHypervisor:
     def _state_file(self) -> Path:
         return self.work_dir / STATE_FILE
 
+    def _refuse_another_backup(self) -> dict[str, Any]:
+        """This domain's crash state, refused while another live snapferry process
+        backs the domain up (its pid is in that state)."""
+        st = self._state()
+        other = int(st.get("pid", 0))
+        if other and other != os.getpid() and process_alive(other):
+            raise HypervisorError(
+                f"another snapferry backup of domain {self.target.domain} is running "
+                f"(pid {other})"
+            )
+        return st
+
     def _state(self) -> dict[str, Any]:
         return read_state(self._state_file)
 
@@ -226,13 +238,7 @@ class LibvirtHypervisor:
                 "export over TCP, which snapferry does not do yet; run snapferry on that host "
                 "with libvirt:///system/" + self.target.domain
             )
-        st = self._state()
-        other = int(st.get("pid", 0))
-        if other and other != os.getpid() and process_alive(other):
-            raise HypervisorError(
-                f"another snapferry backup of domain {self.target.domain} is running "
-                f"(pid {other})"
-            )
+        st = self._refuse_another_backup()
         dom = self._dom()
         self._uuid = str(dom.UUIDString())
         state, _reason = dom.state()
@@ -797,13 +803,7 @@ class LibvirtHypervisor:
         lv = self._lv
         done: list[str] = []
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        st = self._state()
-        other = int(st.get("pid", 0))
-        if other and other != os.getpid() and process_alive(other):
-            raise HypervisorError(
-                f"another snapferry backup of domain {self.target.domain} is running "
-                f"(pid {other})"
-            )
+        st = self._refuse_another_backup()
         dom = self._dom()
         state, _reason = dom.state()
         self._offline = state == lv.VIR_DOMAIN_SHUTOFF
