@@ -17,6 +17,10 @@ alternation, ``--repeat`` times (the best of each is reported, ratios from the b
 * ``nbdcopy -C 1`` and ``-C 4`` of ``snapferry serve INCR`` to ``null:``, against the
   same from ``qemu-nbd`` serving the restored raw file.
 
+``--target-dir /dev/shm`` writes both outputs to tmpfs: the disk's write-out speed (which
+bounds every durable copy, and varies from hour to hour on a shared host) is then out of
+the comparison, and what is left is each tool's own work.
+
 Prints one table and the load average before and after; ``--out`` keeps the JSON.
 """
 
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--skip-serve", action="store_true", help="restore rows only")
     ap.add_argument("--out", type=Path, help="JSON of every timing")
+    ap.add_argument("--target-dir", type=Path, default=None, metavar="DIR",
+                    help="write the restored and the nbdcopy'd files here (default: the "
+                         "workdir); /dev/shm takes the disk out of the comparison")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also time the restore of the snapferry package found in DIR "
                          "(PYTHONPATH=DIR), e.g. an older version, in the same rounds")
@@ -194,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     st = prepare(a.workdir, parse_size(a.size), tree, a.encryption)
     work: Path = a.workdir
     size = int(st["virtual_size"])
-    out = work / "out.raw"
-    nbd_out = work / "nbdcopy.raw"
+    target: Path = a.target_dir or work
+    out = target / "out.raw"
+    nbd_out = target / "nbdcopy.raw"
     times: dict[str, list[float]] = {}
     cpus: dict[str, list[float]] = {}
     load0 = os.getloadavg()
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             add("nbdcopy_file_flush", timed(["nbdcopy", "--flush", chg, str(nbd_out)], qpid))
     same = subprocess.run(["cmp", str(out), str(work / "changed.raw")]).returncode == 0
     nbd_out.unlink(missing_ok=True)
+    if a.target_dir is not None and a.skip_serve:
+        out.unlink(missing_ok=True)
     if not a.skip_serve:
         with serving(st["repo"], st["incr"]) as (sv, spid), \
                 qemu_nbd_served(out, "raw") as (qr, rpid):

@@ -29,7 +29,7 @@ from imagegen import UNIT, make_bench_image  # noqa: E402
 REQUIRED = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
 EXPECTED_ROWS = {
     "snapferry.full", "snapferry.incremental", "snapferry.restore",
-    "nbdcopy.null", "nbdcopy.file", "zstd.full",
+    "nbdcopy.null", "nbdcopy.file", "nbdcopy.file_flush", "zstd.full",
     "restic.full", "restic.incremental", "borg.full", "borg.incremental",
 }
 OPTIONAL_TOOLS = {"nbdcopy": "nbdcopy", "zstd": "zstd", "restic": "restic", "borg": "borg"}
@@ -88,18 +88,39 @@ def test_compare_smoke(tmp_path: Path) -> None:
     assert set(goals) == {
         "full_vs_zstd", "full_cpu_vs_zstd", "full_vs_restic", "incremental_vs_full",
         "incremental_reads", "incremental_reads_vs_change", "incremental_vs_restic",
-        "restore_vs_nbdcopy", "restore_correct", "stored_vs_restic",
+        "restore_vs_nbdcopy", "restore_vs_nbdcopy_noflush", "restore_correct",
+        "stored_vs_restic",
     }
     # informational, and judged only at --compression 19
-    assert goals["full_cpu_vs_zstd"]["passed"] is None
-    assert goals["stored_vs_restic"]["passed"] is None
-    judged = {k: g for k, g in goals.items() if k not in ("full_cpu_vs_zstd", "stored_vs_restic")}
+    info = ("full_cpu_vs_zstd", "stored_vs_restic", "restore_vs_nbdcopy_noflush")
+    for k in info:
+        assert goals[k]["passed"] is None
+    judged = {k: g for k, g in goals.items() if k not in info}
     if all(r["status"] == "ok" for r in rows.values()):
         assert all(isinstance(g["passed"], bool) for g in judged.values()), goals
     assert result["load_average"]["end"] is not None
     assert result["machine"]["nproc"] >= 1
     assert "qemu-img" in result["versions"]
     assert "goals:" in table and "snapferry" in table
+
+
+@needs_qemu
+def test_compare_reuses_its_images(tmp_path: Path) -> None:
+    """A second run in the same workdir with the same recipe times the same images
+    without building them again; another recipe (seed) builds anew."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    first = compare.build_images(wd, 16 << 20, 7, 0.01)
+    stamp = (wd / compare.IMAGES_STAMP).stat().st_mtime_ns
+    mtime = first.changed_qcow2.stat().st_mtime_ns
+    again = compare.build_images(wd, 16 << 20, 7, 0.01)
+    assert again == first
+    assert first.changed_qcow2.stat().st_mtime_ns == mtime
+    assert (wd / compare.IMAGES_STAMP).stat().st_mtime_ns == stamp
+    other = compare.build_images(wd, 16 << 20, 8, 0.01)
+    assert other.changed_blocks != first.changed_blocks
+    first.base_raw.unlink()  # a missing file: built again, never half reused
+    assert compare.build_images(wd, 16 << 20, 7, 0.01).base_raw.is_file()
 
 
 @needs_qemu
