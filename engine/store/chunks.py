@@ -29,7 +29,7 @@ from snapferry.engine.store.blobs import (
     encode,
 )
 from snapferry.engine.store.chunkindex import ChunkIndex, Location
-from snapferry.engine.store.crypto import PlainSealer, sealer_of
+from snapferry.engine.store.crypto import sealer_of
 from snapferry.engine.store.hashing import ID_SIZE, chunk_id
 from snapferry.engine.store.pack import PackWriter, WrittenObjects, read_pack_trailer
 from snapferry.engine.store.saver import PackSaver
@@ -275,7 +275,8 @@ class ChunkReader:
         (for a cache). A blob that fails goes the ``read`` way: every copy tried, and
         the error that names the fault is yielded in its place."""
         cols = self._columns()
-        pack = self.index.packs[run.pack].hex()
+        pack_id = self.index.packs[run.pack]
+        pack = pack_id.hex()
         n = run.end - run.start
         buf: memoryview | None = None
         try:
@@ -284,19 +285,25 @@ class ChunkReader:
                 buf = memoryview(got)
         except RepositoryError:
             buf = None
-        sealer = self.sealer
-        for row, cid in zip(run.rows, cids, strict=True):
+        # the run's index columns as Python ints, once per run (not per blob)
+        rows = np.asarray(run.rows, dtype=np.int64)
+        offs = cols.offset[rows].tolist()
+        stored = cols.stored_len[rows].tolist()
+        raws = cols.raw_len[rows].tolist()
+        types = cols.type[rows].tolist()
+        codecs = cols.codec[rows].tolist()
+        room = len(scratch.raw)
+        start = run.start
+        decode_into = self._decode_into
+        for k, cid in enumerate(cids):
             data: Decoded | None = None
-            raw_len = int(cols.raw_len[row])
-            if buf is not None and raw_len <= len(scratch.raw):
-                off = int(cols.offset[row])
-                o = off - run.start
+            raw_len = raws[k]
+            if buf is not None and raw_len <= room:
+                off = offs[k]
+                o = off - start
                 try:
-                    data = self._decode_into(
-                        buf[o : o + int(cols.stored_len[row])], scratch, pack=pack, off=off,
-                        btype=int(cols.type[row]), cid=cid, codec=int(cols.codec[row]),
-                        raw_len=raw_len, sealer=sealer, own=own,
-                    )
+                    data = decode_into(buf[o : o + stored[k]], scratch, pack, pack_id, off,
+                                       types[k], cid, codecs[k], raw_len, own)
                 except (CorruptionError, zstandard.ZstdError):
                     data = None
             if data is None:
@@ -304,11 +311,12 @@ class ChunkReader:
             yield data
 
     def _decode_into(
-        self, stored: memoryview, scratch: Scratch, *, pack: str, off: int, btype: int,
-        cid: bytes, codec: int, raw_len: int, sealer: PlainSealer, own: bool,
+        self, stored: memoryview, scratch: Scratch, pack: str, pack_id: bytes, off: int,
+        btype: int, cid: bytes, codec: int, raw_len: int, own: bool,
     ) -> bytes | memoryview:
-        plain = memoryview(sealer.open_blob_into(stored, scratch.plain, pack=pack, offset=off,
-                                                 btype=btype, cid=cid, codec=codec))
+        plain = memoryview(self.sealer.open_blob_into(stored, scratch.plain, pack=pack,
+                                                      offset=off, btype=btype, cid=cid,
+                                                      codec=codec, pack_id=pack_id))
         kind = codec & 0x0F
         data: bytes | memoryview
         if kind == CODEC_ZSTD and own:
@@ -319,8 +327,8 @@ class ChunkReader:
             dst = memoryview(scratch.raw)[:raw_len]
             rd = decompressor().stream_reader(plain, read_size=plain.nbytes,
                                               read_across_frames=False)
-            got = 0
-            while got < raw_len:
+            got = rd.readinto(dst)
+            while 0 < got < raw_len:  # one call fills it; a short read is retried
                 k = rd.readinto(dst[got:])
                 if not k:
                     break

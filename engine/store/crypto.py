@@ -123,10 +123,11 @@ class PlainSealer:
 
     def open_blob_into(
         self, stored: bytes | memoryview, out: bytearray, *, pack: str, offset: int,
-        btype: int, cid: bytes, codec: int,
+        btype: int, cid: bytes, codec: int, pack_id: bytes | None = None,
     ) -> bytes | memoryview:
         """``open_blob``, writing into ``out`` when it can (no allocation per blob);
-        returns the plaintext (a view of ``out``, or of ``stored`` when not sealed)."""
+        returns the plaintext (a view of ``out``, or of ``stored`` when not sealed).
+        ``pack_id`` is ``pack`` as bytes, when the caller has it (saves a parse)."""
         return self.open_blob(stored, pack=pack, offset=offset, btype=btype, cid=cid,
                               codec=codec)
 
@@ -143,6 +144,9 @@ class Sealer(PlainSealer):
         self.keys = keys
         self.key_id = keys.key_id
         self._aead = AESGCM(keys.data_key)
+        # cryptography >= 45 decrypts into a caller's buffer; older ones (Debian's 38,
+        # in nbdkit's Python) only return bytes
+        self._decrypt_into = getattr(self._aead, "decrypt_into", None)
 
     def __getstate__(self) -> bytes:
         return self.keys.to_bytes()
@@ -196,15 +200,16 @@ class Sealer(PlainSealer):
 
     def open_blob_into(
         self, stored: bytes | memoryview, out: bytearray, *, pack: str, offset: int,
-        btype: int, cid: bytes, codec: int,
+        btype: int, cid: bytes, codec: int, pack_id: bytes | None = None,
     ) -> bytes | memoryview:
         mv = memoryview(stored)
         n = mv.nbytes - SEAL_OVERHEAD
-        into = getattr(self._aead, "decrypt_into", None)  # cryptography >= 45
+        into = self._decrypt_into
         if into is None or codec >> 4 != ENC_AES_GCM or n < 0 or n > len(out):
             return self.open_blob(stored, pack=pack, offset=offset, btype=btype, cid=cid,
                                   codec=codec)
-        aad = self._blob_aad(bytes.fromhex(pack), offset, btype, cid)
+        aad = self._blob_aad(bytes.fromhex(pack) if pack_id is None else pack_id, offset,
+                             btype, cid)
         dst = memoryview(out)[:n]
         try:
             into(mv[:NONCE_SIZE], mv[NONCE_SIZE:], aad, dst)
