@@ -21,7 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +88,7 @@ class RestoreResult:
     bytes_written: int
     seconds: float
     workers: int
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,6 +142,23 @@ def copy_into(src: RestorePointSource, fd: int, workers: int, progress: Progress
     return res.unique_chunks, res.bytes_written
 
 
+def reading_for_restore(repo: Repository, progress: Progress,
+                        run: Callable[[], RestoreResult]) -> RestoreResult:
+    """``run()`` holding the shared role, so that no prune deletes beneath the restore
+    (FORMAT.md D8); a warning (read-only repository: no lock) goes to ``progress`` and
+    into the result."""
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        progress.note(f"warning: {msg}")
+
+    with repo.reading("restore", warn):
+        result = run()
+    result.warnings[:0] = warnings
+    return result
+
+
 def restore(
     repo: Repository,
     backup_id: str,
@@ -156,8 +175,25 @@ def restore(
     The image is built under a temporary name in the target directory and renamed into
     place only when complete and checked; on any failure nothing is left behind (and an
     existing target, replaced only with ``force``, is untouched).
-    ``workers=0`` means one decode thread per CPU.
+    ``workers=0`` means one decode thread per CPU. Holds the shared role (a prune
+    waits; FORMAT.md D8).
     """
+    return reading_for_restore(repo, progress, lambda: _restore_file(
+        repo, backup_id, to=to, disk=disk, fmt=fmt, force=force, workers=workers,
+        progress=progress))
+
+
+def _restore_file(
+    repo: Repository,
+    backup_id: str,
+    *,
+    to: Path,
+    disk: str | None,
+    fmt: RestoreFormat,
+    force: bool,
+    workers: int,
+    progress: Progress,
+) -> RestoreResult:
     if fmt not in ("raw", "qcow2"):
         raise UsageError(f"unknown restore format {fmt!r} (raw or qcow2)")
     to = Path(to)

@@ -37,6 +37,7 @@ from snapferry.engine.restore import (
     copy_into,
     open_source,
     pick_disk,
+    reading_for_restore,
 )
 from snapferry.engine.store.repo import Repository
 
@@ -180,7 +181,21 @@ def restore_to_device(
     workers: int = 0,
     progress: Progress = NullProgress(),
 ) -> RestoreResult:
-    """Write one disk of ``backup_id`` onto the block device ``device``, in place."""
+    """Write one disk of ``backup_id`` onto the block device ``device``, in place,
+    holding the shared role (FORMAT.md D8)."""
+    return reading_for_restore(repo, progress, lambda: _restore_device(
+        repo, backup_id, device=device, disk=disk, workers=workers, progress=progress))
+
+
+def _restore_device(
+    repo: Repository,
+    backup_id: str,
+    *,
+    device: Path,
+    disk: str | None,
+    workers: int,
+    progress: Progress,
+) -> RestoreResult:
     t0 = time.monotonic()
     manifest = repo.load_manifest(backup_id)
     name = pick_disk(manifest, disk)
@@ -249,12 +264,12 @@ def restore_to(
 
     out_fmt = infer_format(to, fmt)
     check_not_in_use(to, force_in_use=force_in_use)
+    if is_block_device(to) and not force:
+        raise UsageError(
+            f"restore target {to} is a block device: its contents will be overwritten "
+            "(use --force to do so)"
+        )
     if is_block_device(to):
-        if not force:
-            raise UsageError(
-                f"restore target {to} is a block device: its contents will be overwritten "
-                "(use --force to do so)"
-            )
         return restore_to_device(repo, backup_id, device=to, disk=disk, workers=workers,
                                  progress=progress)
     return restore(repo, backup_id, to=to, disk=disk, fmt=out_fmt, force=force,

@@ -172,10 +172,32 @@ def verify_repo(
     progress: Progress = NullProgress(),
     workers: int = 0,
 ) -> VerifyReport:
-    """Check one restore point (or all) and the blobs they reference."""
+    """Check one restore point (or all) and the blobs they reference, holding the
+    shared role (a prune waits; FORMAT.md D8)."""
     t0 = time.monotonic()
+    report = VerifyReport(repository=repo.backend.location, read_data=read_data)
+
+    def warn(msg: str) -> None:
+        report.notes.append(msg)
+        progress.note(f"warning: {msg}")
+
+    with repo.reading("verify", warn):
+        _verify(repo, backup_id, report, read_data=read_data, progress=progress,
+                workers=workers)
+    report.seconds = round(time.monotonic() - t0, 3)
+    return report
+
+
+def _verify(
+    repo: Repository,
+    backup_id: str | None,
+    report: VerifyReport,
+    *,
+    read_data: bool,
+    progress: Progress,
+    workers: int,
+) -> None:
     backend = repo.backend
-    report = VerifyReport(repository=backend.location, read_data=read_data)
     bad_points: set[str] = set()
     if backup_id is not None:
         manifests = [repo.load_manifest(backup_id)]  # unknown id: RepositoryError
@@ -310,8 +332,6 @@ def verify_repo(
         report.leftovers = leftovers(repo, index, refs.by_id.keys(), packs_present)
         report.notes.extend(report.leftovers.notes())
         _index_and_space(repo, index, packs_present, report)  # prune's view (issue 10)
-    report.seconds = round(time.monotonic() - t0, 3)
-    return report
 
 
 def _index_and_space(

@@ -20,6 +20,8 @@ from prune_helpers import evolve, point_at, read_data_ok, restores_identical
 
 from snapferry.engine.errors import RepositoryError
 from snapferry.engine.forget import forget
+from snapferry.engine.progress import NullProgress
+from snapferry.engine.restore import restore
 from snapferry.engine.retention import Policy
 from snapferry.engine.store import Repository
 from snapferry.engine.store.prune import STEPS, exclusive, prune
@@ -330,3 +332,98 @@ def test_after_a_kill_past_repacking_the_next_prune_copies_nothing_again(
     # the new packs hold only needed blobs: their copies are kept, the old packs emptied
     assert rep.blobs_copied == 0 and rep.packs_deleted > 0, rep
     _all_restore(repo, content, tmp_path)
+
+
+class _LocksSeen(NullProgress):
+    """Records the lock objects present each time the restore reports progress."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seen: list[list[str]] = []
+        self.held: list[dict[str, object]] = []
+
+    def advance(self, n: int) -> None:
+        names = sorted(os.listdir(self.root / "locks"))
+        self.seen.append(names)
+        self.held += [json.loads((self.root / "locks" / n).read_bytes()) for n in names]
+
+
+def test_restore_and_verify_hold_the_shared_role(tmp_path: Path) -> None:
+    """FORMAT.md D8: a reader holds the shared role, so prune cannot delete beneath it,
+    and a reader refuses at its start while a prune holds the exclusive role."""
+    repo, content = _build(tmp_path, points=2)
+    bid = sorted(content)[-1]
+    watch = _LocksSeen(repo.path)
+    out = tmp_path / "r.raw"
+    res = restore(repo, bid, to=out, progress=watch)
+    assert out.read_bytes() == content[bid] and res.warnings == []
+    assert watch.seen and all(len(s) == 1 and s[0].startswith("shared-") for s in watch.seen)
+    assert {(h["purpose"], h["pid"], h["role"]) for h in watch.held} == {
+        ("restore", os.getpid(), "shared")}
+    assert os.listdir(repo.path / "locks") == []  # given back
+    out.unlink()
+
+    with repo.reading("restore", print), pytest.raises(RepositoryError, match="locked by restore"):
+        prune(repo)
+    with exclusive(repo, "prune"):
+        for run in (lambda: restore(repo, bid, to=out), lambda: verify_repo(repo)):
+            with pytest.raises(RepositoryError, match="locked by prune"):
+                run()
+        assert sorted(os.listdir(tmp_path)) == ["disk.img", "repo"]  # no temp file left
+    assert os.listdir(repo.path / "locks") == []
+    assert verify_repo(repo, read_data=True).ok
+
+
+READ_ONLY_READ = textwrap.dedent("""
+    import json, sys
+    from snapferry.engine.errors import RepositoryError
+    from snapferry.engine.restore import restore
+    from snapferry.engine.store import Repository
+    from snapferry.engine.verify import verify_repo
+    repo = Repository.open(sys.argv[1])
+    try:
+        res = restore(repo, sys.argv[2], to=sys.argv[3])
+        rep = verify_repo(repo, read_data=True)
+        print(json.dumps({"warnings": res.warnings, "ok": rep.ok, "notes": rep.notes}))
+    except RepositoryError as e:
+        print(json.dumps({"error": str(e)}))
+""")
+
+
+def _read_only_read(repo: Path, bid: str, out: Path) -> dict[str, object]:
+    """Restore and verify through a read-only bind mount of ``repo``, made in a private
+    mount namespace (``unshare -m``): it goes away with the process, whatever happens."""
+    ro = out.parent / "ro"
+    ro.mkdir(exist_ok=True)
+    script = (f'mount --bind "{repo}" "{ro}" && mount -o remount,bind,ro "{ro}" && '
+              f'exec "{sys.executable}" -c "$0" "{ro}" {bid} "{out}"')
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                        READ_ONLY_READ], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "mount" in r.stderr:
+        pytest.skip(f"no read-only bind mount here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    got: dict[str, object] = json.loads(r.stdout)
+    return got
+
+
+def test_a_read_only_repository_is_read_without_a_lock(tmp_path: Path) -> None:
+    """A repository on a read-only mount restores and verifies, with one warning that
+    no lock was taken; a live exclusive lock found there still refuses the read."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a read-only bind mount")
+    repo, content = _build(tmp_path, points=2)
+    bid = sorted(content)[-1]
+    out = tmp_path / "r.raw"
+    got = _read_only_read(repo.path, bid, out)
+    assert out.read_bytes() == content[bid]
+    warnings = got["warnings"]
+    assert isinstance(warnings, list) and len(warnings) == 1
+    assert "reading without a lock" in warnings[0] and "read-only" in warnings[0]
+    notes = got["notes"]
+    assert got["ok"] is True and isinstance(notes, list)
+    assert any("reading without a lock" in n for n in notes)
+    out.unlink()
+    with exclusive(repo, "prune"):  # seen through the read-only mount as well
+        got = _read_only_read(repo.path, bid, out)
+    assert "locked by prune" in str(got.get("error")), got
+    assert not out.exists()

@@ -14,7 +14,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -62,9 +62,12 @@ def read_lock(backend: Backend, name: str) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else {}
 
 
-@contextlib.contextmanager
-def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str]:
-    """Hold ``role`` on the repository for the ``with`` block; yields the lock's name."""
+class _Unwritable(RepositoryError):
+    """The lock object could not be written (a reader goes on without one)."""
+
+
+def _take(backend: Backend, role: Role, purpose: str) -> str:
+    """Write this process's lock object of ``role``; its name."""
     me = {
         "role": role,
         "pid": os.getpid(),
@@ -75,21 +78,64 @@ def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str
         "token": secrets.token_hex(8),
     }
     name = f"{role}-{secrets.token_hex(8)}"
-    backend.save("locks", name, json.dumps(me).encode())
+    try:
+        backend.save("locks", name, json.dumps(me).encode())
+    except RepositoryError as e:
+        raise _Unwritable(str(e)) from None
+    return name
+
+
+def _give_back(backend: Backend, name: str) -> None:
+    with contextlib.suppress(RepositoryError):
+        backend.remove("locks", name)
+
+
+@contextlib.contextmanager
+def _holding(backend: Backend, name: str, role: Role, where: str) -> Iterator[str]:
     try:
         _check_others(backend, role, name, where)
     except BaseException:
-        with contextlib.suppress(RepositoryError):
-            backend.remove("locks", name)
+        _give_back(backend, name)
         raise
     try:
         yield name
     finally:
-        with contextlib.suppress(RepositoryError):
-            backend.remove("locks", name)
+        _give_back(backend, name)
 
 
-def _check_others(backend: Backend, role: Role, mine: str, where: str) -> None:
+@contextlib.contextmanager
+def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str]:
+    """Hold ``role`` on the repository for the ``with`` block; yields the lock's name."""
+    with _holding(backend, _take(backend, role, purpose), role, where) as name:
+        yield name
+
+
+@contextlib.contextmanager
+def reading(backend: Backend, purpose: str, where: str,
+            warn: Callable[[str], None]) -> Iterator[str | None]:
+    """The shared role for a reader (restore, verify): FORMAT.md rule D8. As ``hold``,
+    but a repository this process cannot write a lock object into (a read-only
+    filesystem or mount, no write permission, a read-only S3 key) is read without one,
+    after one ``warn``; a live exclusive lock refuses the read either way."""
+    why = ""
+    try:
+        name = _take(backend, "shared", purpose)
+    except _Unwritable as e:
+        why = str(e)
+    if why:
+        warn(f"reading without a lock ({why}): a prune started meanwhile could make this "
+             "read fail (it never returns wrong data)")
+        _check_others(backend, "shared", "", where, tidy=False)
+        yield None
+        return
+    with _holding(backend, name, "shared", where):
+        yield name
+
+
+def _check_others(backend: Backend, role: Role, mine: str, where: str, *,
+                  tidy: bool = True) -> None:
+    """Refuse when another live lock conflicts with ``role``; stale ones are removed
+    (with ``tidy``) or passed over."""
     for info in list(backend.objects("locks")):
         if info.name == mine:
             continue
@@ -100,7 +146,8 @@ def _check_others(backend: Backend, role: Role, mine: str, where: str) -> None:
         if held is None:
             continue  # removed meanwhile
         if is_stale(held, info.size):
-            backend.remove("locks", info.name)
+            if tidy:
+                backend.remove("locks", info.name)
             continue
         if not held:
             # unreadable (a crash between create and write cannot happen with

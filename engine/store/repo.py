@@ -10,7 +10,7 @@ import contextlib
 import json
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -248,6 +248,14 @@ class Repository:
         deleters' role (alone). See docs/FORMAT.md, *Locks*."""
         role: locks.Role = "exclusive" if exclusive else "shared"
         with locks.hold(self.backend, role, purpose, self.backend.location):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self, purpose: str, warn: Callable[[str], None]) -> Iterator[None]:
+        """Hold the shared role while reading (restore, verify), so that no prune deletes
+        beneath the reader; a repository that takes no lock object (read-only) is read
+        without one after one ``warn``. See docs/FORMAT.md, rule D8."""
+        with locks.reading(self.backend, purpose, self.backend.location, warn):
             yield
 
     # -- restore points ------------------------------------------------------------
