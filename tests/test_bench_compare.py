@@ -205,3 +205,23 @@ def test_render_marks_skipped_rows() -> None:
     text = compare.render({"rows": [compare.asdict(row)], "goals": [],
                            "machine": {"nproc": os.cpu_count()}})
     assert "skipped: restic not installed" in text
+
+
+def test_concurrent_bench_smoke(tmp_path: Path) -> None:
+    """bench/concurrent_writers.py: two backups one by one and at once into fresh repositories,
+    then the at-once restore points restore byte-identical and verify (no timing
+    asserted)."""
+    out = tmp_path / "conc.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "concurrent_writers.py"), "--workdir", str(tmp_path / "wd"),
+         "--count", "2", "--size", "16M", "--repeat", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["restores_identical_and_verified"] is True
+    (r,) = res["rounds"]
+    assert r["one_by_one"] > 0 and r["at_once"] > 0
+    assert len(set(r["at_once_ids"])) == 2 and len(set(r["one_by_one_ids"])) == 2
+    assert "median at once / one by one" in proc.stdout
+    assert not list((tmp_path / "wd").glob("repo-*"))  # repositories removed
