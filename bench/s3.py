@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=size_arg, default=256 << 20)
     ap.add_argument("--proxies", default="1,2,4")
-    ap.add_argument("--chunk-size", default="256K")
+    ap.add_argument("--chunk-size", default="128K")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "s3.json")
     opts = ap.parse_args()
     counts = [int(x) for x in opts.proxies.split(",")]
@@ -76,7 +76,9 @@ def main() -> None:
     res: dict[str, object] = {"image_bytes": opts.size, "cpus": os.cpu_count()}
     try:
         base = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFERRY_")}
-        env = {**base, **lab.env(SNAPFERRY_CACHE_DIR=str(work / "cache"))}
+        env = {**base, **lab.env(SNAPFERRY_CACHE_DIR=str(work / "cache")),
+               # init encrypts by default: the passphrase every command here needs
+               "SNAPFERRY_PASSWORD": "snapferry-bench", "SNAPFERRY_NEW_PASSWORD": "snapferry-bench"}
         images = [imagegen.make_image(work / f"img{i}.raw", opts.size, seed=100 + i)
                   for i in range(max(counts))]
         img = images[0]
