@@ -288,6 +288,45 @@ def test_lock_released_on_error(repo_r: Repository) -> None:
         pass
 
 
+def test_a_held_lock_is_refreshed_and_a_refreshed_lock_is_live(
+    repo_r: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder rewrites its lock object (``refreshed``) while it holds it, so another
+    host's long job is never taken for stale (24 h counts from the last refresh); a lock
+    removed meanwhile (as stale) is not brought back by the refresher."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from snapferry.engine.store import locks
+
+    monkeypatch.setattr(locks, "REFRESH_S", 0.05)
+    r = repo_r
+    with r.lock("backup"):
+        (f,) = (r.path / "locks").iterdir()
+        first = json.loads(f.read_text())
+        deadline = time.monotonic() + 10
+        while "refreshed" not in json.loads(f.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        again = json.loads(f.read_text())
+        assert "refreshed" not in first and "refreshed" in again
+        assert {k: v for k, v in again.items() if k != "refreshed"} == first
+    assert list((r.path / "locks").iterdir()) == []
+
+    with r.lock("backup"):
+        (f,) = (r.path / "locks").iterdir()
+        f.unlink()  # what a prune does to a lock it found stale
+        time.sleep(0.3)
+        assert list((r.path / "locks").iterdir()) == []
+
+    def stamp(hours: float) -> str:
+        return (datetime.now(UTC) - timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    other = {"role": "shared", "pid": 1, "host": "elsewhere.invalid", "since": stamp(25)}
+    assert locks.is_stale(other, 100)  # an old-style lock: 24 h from its start
+    assert not locks.is_stale(dict(other, refreshed=stamp(0.2)), 100)
+    assert locks.is_stale(dict(other, refreshed=stamp(24.5)), 100)
+
+
 # -- disk full ---------------------------------------------------------------------
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,6 +25,9 @@ from snapferry.engine.store.backend import Backend, ObjectMissing
 
 Role = Literal["shared", "exclusive"]
 OTHER_HOST_STALE_S = 24 * 3600
+"""Another host's lock is live until this long after its last refresh (or its start)."""
+REFRESH_S = 10 * 60
+"""A holder rewrites its lock object this often (``refreshed``), however long it runs."""
 UNREADABLE_GRACE_S = 30
 
 
@@ -46,8 +50,9 @@ def is_stale(held: dict[str, Any], size: int) -> bool:
     pid = held.get("pid")
     if held.get("host") == socket.gethostname():
         return isinstance(pid, int) and not process_alive(pid, held.get("pid_start"))
-    age = _since_s(held.get("since"))
-    return age is not None and age > OTHER_HOST_STALE_S
+    ages = [a for a in (_since_s(held.get("since")), _since_s(held.get("refreshed")))
+            if a is not None]
+    return bool(ages) and min(ages) > OTHER_HOST_STALE_S
 
 
 def read_lock(backend: Backend, name: str) -> dict[str, Any] | None:
@@ -66,15 +71,15 @@ class _Unwritable(RepositoryError):
     """The lock object could not be written (a reader goes on without one)."""
 
 
-def _take(backend: Backend, role: Role, purpose: str) -> str:
-    """Write this process's lock object of ``role``; its name."""
-    me = {
+def _take(backend: Backend, role: Role, purpose: str) -> tuple[str, dict[str, Any]]:
+    """Write this process's lock object of ``role``; its name and content."""
+    me: dict[str, Any] = {
         "role": role,
         "pid": os.getpid(),
         "pid_start": process_start(os.getpid()),
         "host": socket.gethostname(),
         "purpose": purpose,
-        "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "since": _now(),
         "token": secrets.token_hex(8),
     }
     name = f"{role}-{secrets.token_hex(8)}"
@@ -82,7 +87,41 @@ def _take(backend: Backend, role: Role, purpose: str) -> str:
         backend.save("locks", name, json.dumps(me).encode())
     except RepositoryError as e:
         raise _Unwritable(str(e)) from None
-    return name
+    return name, me
+
+
+class _Refresher:
+    """Rewrites a held lock object every ``REFRESH_S`` with the time in ``refreshed``, so
+    that another host never takes a long job's lock for stale (a daemon thread; stops
+    when the lock is given back, or when the object is gone: removed as stale, it is
+    not brought back)."""
+
+    def __init__(self, backend: Backend, name: str, me: dict[str, Any]) -> None:
+        self.backend, self.name, self.me = backend, name, me
+        self.stop = threading.Event()
+        self.refreshes = 0
+        self.thread = threading.Thread(target=self._run, name=f"lock-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(REFRESH_S):
+            try:
+                if self.backend.stat("locks", self.name) is None:
+                    return
+                body = dict(self.me, refreshed=_now())
+                self.backend.save("locks", self.name, json.dumps(body).encode(),
+                                  if_absent=False)
+                self.refreshes += 1
+            except RepositoryError:
+                continue  # the next round tries again
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _give_back(backend: Backend, name: str) -> None:
@@ -91,21 +130,26 @@ def _give_back(backend: Backend, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _holding(backend: Backend, name: str, role: Role, where: str) -> Iterator[str]:
+def _holding(backend: Backend, taken: tuple[str, dict[str, Any]], role: Role,
+             where: str) -> Iterator[str]:
+    name, me = taken
     try:
         _check_others(backend, role, name, where)
     except BaseException:
         _give_back(backend, name)
         raise
+    refresher = _Refresher(backend, name, me)
     try:
         yield name
     finally:
+        refresher.close()
         _give_back(backend, name)
 
 
 @contextlib.contextmanager
 def hold(backend: Backend, role: Role, purpose: str, where: str) -> Iterator[str]:
-    """Hold ``role`` on the repository for the ``with`` block; yields the lock's name."""
+    """Hold ``role`` on the repository for the ``with`` block (refreshed while held);
+    yields the lock's name."""
     with _holding(backend, _take(backend, role, purpose), role, where) as name:
         yield name
 
@@ -119,7 +163,7 @@ def reading(backend: Backend, purpose: str, where: str,
     after one ``warn``; a live exclusive lock refuses the read either way."""
     why = ""
     try:
-        name = _take(backend, "shared", purpose)
+        taken = _take(backend, "shared", purpose)
     except _Unwritable as e:
         why = str(e)
     if why:
@@ -128,7 +172,7 @@ def reading(backend: Backend, purpose: str, where: str,
         _check_others(backend, "shared", "", where, tidy=False)
         yield None
         return
-    with _holding(backend, name, "shared", where):
+    with _holding(backend, taken, "shared", where) as name:
         yield name
 
 
