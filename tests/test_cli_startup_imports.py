@@ -13,17 +13,14 @@ from conftest import cli_env, run_cli
 CLIENTS = ("boto3", "botocore", "libvirt", "pyVmomi")
 STORE = ("numpy", "zstandard", "cryptography")
 
+# at exit: the CLI ends the process itself (no interpreter teardown), after the atexit
+# handlers
 PROBE = """
-import runpy, sys
+import atexit, runpy, sys
 sys.argv = ["snapferry", *sys.argv[1:]]
-try:
-    runpy.run_module("snapferry", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print("LOADED", " ".join(sorted(m for m in sys.modules if "." not in m)), file=sys.stderr)
-sys.exit(code)
+atexit.register(lambda: print("LOADED", " ".join(sorted(m for m in sys.modules
+                                                        if "." not in m)), file=sys.stderr))
+runpy.run_module("snapferry", run_name="__main__")
 """
 
 
