@@ -94,9 +94,12 @@ class ChunkWriter:
         self.report = WriterReport()
         self.verified: set[str] = set()  # packs read back and checked once saved
 
-    def store(self, cid: bytes, data: bytes | memoryview, digest: bytes) -> StoreOutcome:
+    def store(self, cid: bytes, data: bytes | memoryview, digest: bytes,
+              encoded: tuple[int, bytes | memoryview] | None = None) -> StoreOutcome:
         """Store the chunk unless an undamaged copy of the same data exists (rule W4).
-        Raises ``CorruptionError`` when ``cid`` already names other data."""
+        Raises ``CorruptionError`` when ``cid`` already names other data. ``encoded``:
+        ``blobs.encode(data)`` made beforehand (the in-process reader compresses in
+        threads); the decision to store is made here all the same."""
         raw_len = memoryview(data).nbytes
         mine = self.session.get(cid)
         if mine is not None:
@@ -116,7 +119,7 @@ class ChunkWriter:
             return StoreOutcome(False, 0)
         if self.index.lookup_valid(cid, digest, raw_len):
             return StoreOutcome(False, 0)
-        codec, stored = encode(data, level=self.spec.zstd_level, cctx=self.cctx)
+        codec, stored = encoded or encode(data, level=self.spec.zstd_level, cctx=self.cctx)
         pid, _off, _entry = self.pack.add(cid, TYPE_CHUNK, codec, stored, raw_len, digest)
         self.session[cid] = (digest, raw_len)
         return StoreOutcome(True, memoryview(stored).nbytes, pid.hex())
