@@ -48,9 +48,9 @@ from snapferry.engine.store.blobs import encode
 from snapferry.engine.store.chunks import WrittenObjects
 from snapferry.engine.store.hashing import ID_SIZE, chunk_id, is_zero
 
-Prepared = tuple[bytes, bytes, tuple[int, bytes | memoryview] | None] | None
-"""A chunk worked on ahead: None (all zero) or (id, digest, its encoding or None when
-it is a dedup hit already)."""
+Prepared = tuple[bytes, bytes, tuple[int, bytes | memoryview] | None, bool | None] | None
+"""A chunk worked on ahead: None (all zero) or (id, digest, its encoding or None when it
+is a dedup hit already, the index lookup's answer or None to look again)."""
 
 
 class InlineReader:
@@ -152,11 +152,13 @@ class _ThreadedWorker(Worker):
         cid = chunk_id(self.cfg.seed, data)
         w = self.writer
         dg = w.digest(data)
-        try:  # a hint only: ``store`` decides (and raises a collision) in order
-            hit = cid in w.session or w.index.lookup_valid(cid, dg, data.nbytes)
+        indexed: bool | None
+        try:  # the loaded index does not change during the copy: ``store`` takes this
+            indexed = w.index.lookup_valid(cid, dg, data.nbytes)
         except CorruptionError:
-            hit = False
-        return cid, dg, None if hit else encode(data, level=w.spec.zstd_level)
+            indexed = None  # ``store`` looks again and raises it, in disk order
+        hit = indexed or cid in w.session  # session: a hint; ``store`` decides
+        return cid, dg, None if hit else encode(data, level=w.spec.zstd_level), indexed
 
     def copy(self, item: WorkItem) -> BatchResult:
         cs = self.cfg.chunk_size
@@ -199,8 +201,8 @@ class _ThreadedWorker(Worker):
                     if prep is not None:
                         a = base + i * cs
                         b = min(a + cs, base + length)
-                        cid, dg, enc = prep
-                        got = store(cid, mv[a:b], dg, enc)
+                        cid, dg, enc, indexed = prep
+                        got = store(cid, mv[a:b], dg, enc, indexed)
                         if got.new:
                             new[k] = True
                             stored[k] = got.stored
