@@ -406,12 +406,15 @@ class Repository:
         *,
         written: WrittenObjects | None = None,
         known_at_start: set[str] | None = None,
+        known_pages: ChunkIndex | None = None,
     ) -> str:
         """Pages -> index file -> collision check -> sync -> manifest (the commit).
 
         ``written`` are the packs/index files the workers saved (their index files are
         durable: rule W3); ``known_at_start`` the index files that existed when the
-        backup started (for rule W5; None: every index file is checked). Fills each
+        backup started (for rule W5; None: every index file is checked);
+        ``known_pages`` the page entries the backup loaded at its start (``load_index``),
+        brought up to date here instead of loading every index file again. Fills each
         disk entry's ``pages``, ``chunks`` and ``zero_chunks``. Returns the backup id.
         """
         names = manifest.disk_names
@@ -431,7 +434,11 @@ class Repository:
         if written is not None:
             own.extend(written)
         pw = PackWriter(self.backend, self.pack_size)
-        known = self.chunk_index(types=(TYPE_PAGE,))
+        if known_pages is not None:
+            known = known_pages
+            known.load(self.backend, types=(TYPE_PAGE,))  # the index files added since
+        else:
+            known = self.chunk_index(types=(TYPE_PAGE,))
         seen: set[bytes] = set()
         try:
             for entry in manifest.disks:
