@@ -160,6 +160,9 @@ class _ThreadedWorker(Worker):
         hit = indexed or cid in w.session  # session: a hint; ``store`` decides
         return cid, dg, None if hit else encode(data, level=w.spec.zstd_level), indexed
 
+    def _prepare_many(self, views: list[memoryview]) -> list[Prepared]:
+        return [self._prepare(v) for v in views]
+
     def copy(self, item: WorkItem) -> BatchResult:
         cs = self.cfg.chunk_size
         _spec, size = self.specs[item.disk]
@@ -179,8 +182,9 @@ class _ThreadedWorker(Worker):
         segs = _segments(item.runs, self.cfg.segment_chunks)
         threaded = _threaded_reads(src)
         ahead = _ReadAhead(src, cs, size, segs, self.bufs) if threaded else None
-        # (segment, its buffer, one future per chunk): at most two segments in hand
-        pending: deque[tuple[list[Piece], memoryview, list[Future[Prepared]]]] = deque()
+        # (segment, its buffer, one future per thread's share of its chunks): at most two
+        # segments in hand
+        pending: deque[tuple[list[Piece], memoryview, list[Future[list[Prepared]]]]] = deque()
         k = 0
         bytes_read = 0
 
@@ -189,6 +193,7 @@ class _ThreadedWorker(Worker):
             seg, mv, futs = pending.popleft()
             if self.faults.any:  # where _Worker.copy checks: before a segment is stored
                 self.faults.check(self.done_chunks)
+            preps = [p for f in futs for p in f.result()]
             j = 0
             for c0, take, pos in seg:
                 length = min(take * cs, size - c0 * cs)
@@ -196,7 +201,7 @@ class _ThreadedWorker(Worker):
                 chunks[k : k + take] = np.arange(c0, c0 + take, dtype=np.int64)
                 base = pos * cs
                 for i in range(take):
-                    prep = futs[j].result()
+                    prep = preps[j]
                     j += 1
                     if prep is not None:
                         a = base + i * cs
@@ -220,13 +225,16 @@ class _ThreadedWorker(Worker):
                 else:
                     mv = self.bufs[no % len(self.bufs)]
                     _read_segment(src, cs, size, seg, mv)
-                futs: list[Future[Prepared]] = []
+                views: list[memoryview] = []
                 for c0, take, pos in seg:
                     length = min(take * cs, size - c0 * cs)
                     base = pos * cs
                     for i in range(take):
                         a = base + i * cs
-                        futs.append(ex.submit(self._prepare, mv[a : min(a + cs, base + length)]))
+                        views.append(mv[a : min(a + cs, base + length)])
+                share = -(-len(views) // self.threads)  # one task per thread: few hand-offs
+                futs = [ex.submit(self._prepare_many, views[g : g + share])
+                        for g in range(0, len(views), share)]
                 pending.append((seg, mv, futs))
                 if len(pending) > 1:
                     finish()
