@@ -13,6 +13,7 @@ from typing import Any
 
 from snapferry.cli.common import (
     DEFAULT_AUDIT_PERCENT,
+    derive_key_ahead,
     epilog,
     non_negative_int,
     open_repo,
@@ -113,6 +114,7 @@ def source_kind(source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    derive_key_ahead(args)  # the passphrase's scrypt runs while the store and sources load
     kind = source_kind(args.source)
     repo = None  # opened once: an encrypted repository's key costs a scrypt each time
     if args.parent:

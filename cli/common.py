@@ -203,7 +203,21 @@ def repo_path(args: argparse.Namespace) -> str:
     return str(repo_location(args))
 
 
+def derive_key_ahead(args: argparse.Namespace) -> None:
+    """Start the passphrase's scrypt of an encrypted directory repository in a thread
+    (``engine/kdf.py``), so that it runs while the store's modules load; a command calls
+    this before its heavy imports (``open_repo`` does too). Never raises."""
+    from snapferry.engine import kdf
+
+    try:
+        loc = repo_location(args)
+    except UsageError:
+        return
+    kdf.derive_ahead(str(loc.target), getattr(args, "password_file", None))
+
+
 def open_repo(args: argparse.Namespace) -> Repository:
+    derive_key_ahead(args)
     from snapferry.engine.store import keys
     from snapferry.engine.store.repo import Repository
 

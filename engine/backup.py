@@ -79,6 +79,8 @@ from snapferry.engine.pool import (
     make_items,
 )
 from snapferry.engine.progress import NullProgress, Progress
+from snapferry.engine.store.blobs import TYPE_PAGE
+from snapferry.engine.store.chunks import ChunkReader
 from snapferry.engine.store.index import DiskIndex
 from snapferry.engine.store.manifest import DiskEntry, Manifest
 from snapferry.engine.store.pack import WrittenObjects
@@ -209,6 +211,7 @@ class BackupSession:
         self._workers = 0
         self._in_process = False
         self._rss: list[int] = []
+        self._pages: ChunkReader | None = None  # the parent's pages, loaded at planning
         self.warnings: list[str] = []
         self._locks = contextlib.ExitStack()
         self._locks.enter_context(repo.lock("backup"))
@@ -260,7 +263,9 @@ class BackupSession:
         parent = self.parent
         if parent is None or d.name not in parent.disk_names:
             raise SnapferryError(f"no parent index for disk {d.name}: run a full backup")
-        pidx = self.repo.load_index(parent.backup_id, d.name, parent)
+        if self._pages is None:  # one load of the page entries for every disk + commit
+            self._pages = self.repo.reader(self.repo.chunk_index(types=(TYPE_PAGE,)))
+        pidx = self.repo.load_index(parent.backup_id, d.name, parent, reader=self._pages)
         index, runs = plan_incremental(d.source, d.changed, pidx)
         st = _DiskState(no, d, size, index, runs)
         if self.options.audit > 0 and pidx.virtual_size == size:
@@ -513,7 +518,8 @@ class BackupSession:
             identity=self.options.identity,
         )
         self.backup_id = self.repo.commit_restore_point(
-            manifest, indexes, written=self._written, known_at_start=self._known_index
+            manifest, indexes, written=self._written, known_at_start=self._known_index,
+            known_pages=self._pages.index if self._pages is not None else None,
         )
         return BackupResult(
             backup_id=self.backup_id,

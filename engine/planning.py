@@ -477,12 +477,24 @@ def _ids_of(index: DiskIndex, chunks: np.ndarray) -> np.ndarray:
     out = np.zeros((chunks.size, 16), dtype=np.uint8)
     pe = index.page_entries
     pages = chunks // pe
-    for p in np.unique(pages).tolist():
+    for p in _sorted_unique(pages).tolist():
         arr = index.page(int(p))
         if arr is not None:
             sel = pages == p
             out[sel] = arr[chunks[sel] - p * pe]
     return out
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-d integer array, without it: ``np.unique`` imports
+    ``numpy.ma`` on first use (~20 ms of every incremental's start)."""
+    a = np.sort(np.asarray(a).ravel())
+    if a.size < 2:
+        return a
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
 
 
 def allocated_mask(source: DiskSource, chunk_size: int) -> np.ndarray:
@@ -532,7 +544,7 @@ def plan_audit(
     near_list = sorted(near)
     if len(near_list) > cap:
         near_list = sorted(rng.sample(near_list, cap))
-    chunks = np.unique(np.concatenate([picked, np.array(near_list, dtype=np.int64)]))
+    chunks = _sorted_unique(np.concatenate([picked, np.array(near_list, dtype=np.int64)]))
     return AuditPlan(
         chunks=chunks,
         expected=_ids_of(parent_index, chunks),

@@ -8,9 +8,18 @@ repository's top-level folders (see ``[tool.setuptools.package-dir]`` in pyproje
 - ``snapferry.cli`` (``cli/``): the command line.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("snapferry")
-except PackageNotFoundError:  # running from a checkout without an install
-    __version__ = "0+unknown"
+def __getattr__(name: str) -> str:
+    """``__version__``, looked up on first use: ``importlib.metadata`` (and the email
+    package it loads) cost ~60 ms at every start of the command, which needs it only
+    for ``--version``."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("snapferry")
+    except PackageNotFoundError:  # running from a checkout without an install
+        v = "0+unknown"
+    globals()["__version__"] = v
+    return v

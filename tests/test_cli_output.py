@@ -109,6 +109,27 @@ def test_python_dash_m_cli(tmp_path: Path) -> None:
     assert json.loads(p.stdout)["chunk_size"] == DEFAULT_CHUNK_SIZE
 
 
+def test_command_exit_flushes_and_runs_atexit(tmp_path: Path) -> None:
+    """The command ends its process without the interpreter's teardown (cli/main.py
+    ``_exit_now``): output bigger than a pipe's buffer arrives whole, the exit code is
+    the command's, and atexit handlers still run."""
+    p = run_cli("backup", "--help")  # > 4 KiB of help on a pipe
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("lab VM (snapferry lab up)")
+    assert len(p.stdout) > 4096
+    p = run_cli("backup", "--no-such-option")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    p = run_cli("restore", "--repo", tmp_path / "none", "x", "--to", tmp_path / "o")
+    assert p.returncode == 1 and p.stderr.startswith("snapferry: no repository"), p.stderr
+    mark = tmp_path / "atexit-ran"
+    script = ("import atexit, sys; from snapferry.cli.main import main; "
+              f"atexit.register(lambda: open({str(mark)!r}, 'w').write('x')); "
+              "sys.argv = ['snapferry', '--version']; main()")
+    q = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=ROOT, env=cli_env())
+    assert q.returncode == 0 and q.stdout.startswith("snapferry "), q
+    assert mark.read_text() == "x"
+
+
 def test_main_in_process(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--repo", str(repo), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backups"] == []

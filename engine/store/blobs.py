@@ -26,6 +26,18 @@ TYPE_PAGE = 1
 TYPES = (TYPE_CHUNK, TYPE_PAGE)
 MAX_BLOB = 1 << 30
 
+
+def _table(values: tuple[int, ...]) -> np.ndarray:
+    t = np.zeros(256, dtype=bool)
+    t[list(values)] = True
+    return t
+
+
+# codec byte -> known (low nibble a codec, high nibble 0 = plain or 1 = AES-GCM); type
+# byte -> known. A table lookup per entry: np.isin cost 0.4 ms per index file to load.
+_KNOWN_CODEC = _table(tuple(c | e << 4 for c in CODECS for e in (0, 1)))
+_KNOWN_TYPE = _table(TYPES)
+
 ENTRY = struct.Struct(">16sBBHQIII32s")
 ENTRY_SIZE = ENTRY.size  # 72
 ENTRY_DTYPE = np.dtype(
@@ -69,9 +81,7 @@ def parse_entries(buf: bytes | memoryview, count: int, *, what: str) -> np.ndarr
     arr = np.frombuffer(buf, dtype=ENTRY_DTYPE, count=count)
     if count:
         codec, enc = arr["codec"] & 0x0F, arr["codec"] >> 4  # bits 4..7: encryption
-        if not np.isin(codec, CODECS).all() or not np.isin(arr["type"], TYPES).all() or (
-            not np.isin(enc, (0, 1)).all()
-        ):
+        if not _KNOWN_CODEC[arr["codec"]].all() or not _KNOWN_TYPE[arr["type"]].all():
             raise CorruptionError(f"{what}: unknown blob codec or type")
         if (arr["stored_len"] > MAX_BLOB).any() or (arr["raw_len"] > MAX_BLOB).any():
             raise CorruptionError(f"{what}: blob lengths out of range")

@@ -94,9 +94,16 @@ class ChunkWriter:
         self.report = WriterReport()
         self.verified: set[str] = set()  # packs read back and checked once saved
 
-    def store(self, cid: bytes, data: bytes | memoryview, digest: bytes) -> StoreOutcome:
+    def store(self, cid: bytes, data: bytes | memoryview, digest: bytes,
+              encoded: tuple[int, bytes | memoryview] | None = None,
+              indexed: bool | None = None) -> StoreOutcome:
         """Store the chunk unless an undamaged copy of the same data exists (rule W4).
-        Raises ``CorruptionError`` when ``cid`` already names other data."""
+        Raises ``CorruptionError`` when ``cid`` already names other data.
+
+        Work done beforehand (the in-process reader's compute threads): ``encoded`` is
+        ``blobs.encode(data)``; ``indexed`` what ``self.index.lookup_valid(cid, digest,
+        raw_len)`` returned (the loaded index does not change while the writer stores;
+        None: looked up here, which raises a collision). The decision is made here."""
         raw_len = memoryview(data).nbytes
         mine = self.session.get(cid)
         if mine is not None:
@@ -114,9 +121,11 @@ class ChunkWriter:
                     "alias): refusing to deduplicate; the backup was not committed"
                 )
             return StoreOutcome(False, 0)
-        if self.index.lookup_valid(cid, digest, raw_len):
+        if indexed is None:
+            indexed = self.index.lookup_valid(cid, digest, raw_len)
+        if indexed:
             return StoreOutcome(False, 0)
-        codec, stored = encode(data, level=self.spec.zstd_level, cctx=self.cctx)
+        codec, stored = encoded or encode(data, level=self.spec.zstd_level, cctx=self.cctx)
         pid, _off, _entry = self.pack.add(cid, TYPE_CHUNK, codec, stored, raw_len, digest)
         self.session[cid] = (digest, raw_len)
         return StoreOutcome(True, memoryview(stored).nbytes, pid.hex())

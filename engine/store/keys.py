@@ -25,13 +25,14 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from snapferry.engine import kdf as _ahead
 from snapferry.engine.errors import CorruptionError, RepositoryError, UsageError
 from snapferry.engine.store.backend import Backend, ObjectMissing
 from snapferry.engine.store.crypto import MasterKeys, Sealer
 
-PASSWORD_ENV = "SNAPFERRY_PASSWORD"
-PASSWORD_FILE_ENV = "SNAPFERRY_PASSWORD_FILE"
-KEY_KIND = "snapferry-key"
+PASSWORD_ENV = _ahead.PASSWORD_ENV
+PASSWORD_FILE_ENV = _ahead.PASSWORD_FILE_ENV
+KEY_KIND = _ahead.KEY_KIND
 EXPORT_KIND = "snapferry-master-key"
 VERIFY_KIND = "snapferry-verification-key"
 SCRYPT_N = 1 << 15  # 32 MiB with r=8: about 0.1 s on one core
@@ -54,26 +55,14 @@ def set_password_file(path: str | None) -> None:
     _password_file = path
 
 
-def _read_password_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read password file {path}: {e.strerror}") from None
-    pw = text.rstrip("\r\n")
-    if not pw:
-        raise UsageError(f"password file {path} is empty")
-    return pw
+_read_password_file = _ahead.read_password_file
 
 
 def passphrase(*, new: bool = False, prompt: str = "passphrase") -> str:
     """The passphrase from the environment, a password file or the terminal."""
-    env = os.environ.get(PASSWORD_ENV)
-    if env:
-        return env
-    path = _password_file or os.environ.get(PASSWORD_FILE_ENV)
-    if path:
-        return _read_password_file(path)
+    given = _ahead.given_passphrase(_password_file)
+    if given is not None:
+        return given
     if not sys.stdin.isatty():
         raise UsageError(
             f"this repository is encrypted: give its passphrase in ${PASSWORD_ENV}, "
@@ -106,7 +95,9 @@ def new_passphrase(path: str | None = None, prompt: str = "new passphrase") -> s
 
 
 def _kdf(pw: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(pw.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 << 20, dklen=32)
+    """scrypt, 32 bytes; taken from ``engine/kdf.py`` when the command started it ahead
+    (in a thread, while the store's modules loaded)."""
+    return _ahead.scrypt(pw, salt, n, r, p)
 
 
 def _wrap_aad(repo_id: str, key_id: int) -> bytes:
@@ -137,13 +128,11 @@ def wrap(master: MasterKeys, pw: str, repo_id: str, label: str = "") -> dict[str
 def unwrap(obj: dict[str, Any], pw: str, repo_id: str) -> MasterKeys | None:
     """The master key of a key object, or None when ``pw`` does not open it."""
     try:
-        kdf = obj["kdf"]
-        if kdf["name"] != "scrypt" or obj["aead"] != "aes-256-gcm":
+        params = _ahead.valid_params(obj["kdf"])
+        if params is None or obj["aead"] != "aes-256-gcm":
             return None
-        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        if n < 2 or n & (n - 1) or n > 1 << 22 or not 1 <= r <= 32 or not 1 <= p <= 16:
-            return None
-        wk = _kdf(pw, bytes.fromhex(kdf["salt"]), n, r, p)
+        salt, n, r, p = params
+        wk = _kdf(pw, salt, n, r, p)
         raw = AESGCM(wk).decrypt(
             bytes.fromhex(obj["nonce"]), bytes.fromhex(obj["wrapped"]),
             _wrap_aad(repo_id, int(obj["key_id"])),
