@@ -52,6 +52,7 @@ from snapferry.cli.common import (
     S3_ENDPOINT_ENV,
     Parser,
     add_global_options,
+    derive_key_ahead,
     merge_globals,
     parse_size,
 )
@@ -65,6 +66,9 @@ __all__ = ["EXIT_CODES", "build_parser", "main", "parse_size"]
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO_COMMANDS = ("backup", "restore", "list", "verify", "info")
+KEY_AHEAD_COMMANDS = ("restore", "list", "verify", "info", "forget", "prune", "serve",
+                      "files", "instant")
+"""Commands that open an existing repository first (``backup`` starts it itself)."""
 DESCRIPTION = "Live, changed-block, deduplicated backups of disks and running VMs."
 EXAMPLES = f"""examples:
   snapferry init /backup/repo
@@ -255,6 +259,8 @@ def _main(argv: Sequence[str]) -> int:
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             raise UsageError(f"command {args.command!r} is not available in this build")
+        if args.command in KEY_AHEAD_COMMANDS:
+            derive_key_ahead(args)  # scrypt in a thread while the command imports the store
         return int(func(args))
     except SnapferryError as e:
         if debug:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,48 @@ def test_nothing_started_when_it_cannot_be_read_ahead(tmp_path: Path,
     kdf.derive_ahead(str(enc), None)  # the bogus key object is skipped, the real one not
     assert started() == 1
     assert Repository.open(enc).sealer.encrypted
+
+
+@pytest.mark.parametrize("command", ["list", "restore", "verify", "info"])
+def test_read_commands_start_the_derivation_before_their_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """restore, list, verify, info (and the other commands that open a repository first)
+    start the scrypt before the command's own code runs (its store imports come first
+    there), and the open takes that result: one derivation, in the thread."""
+    import importlib
+
+    from snapferry.cli import main as cli_main
+
+    root = tmp_path / "r"
+    Repository.init(root, encryption="repokey", passphrase=PW)
+    monkeypatch.setenv(keys.PASSWORD_ENV, PW)
+    events: list[str] = []
+    real_derive, real_start = kdf._derive, kdf.start
+
+    def derive(*a: object) -> bytes:
+        events.append(f"derive in {threading.current_thread().name}")
+        return real_derive(*a)  # type: ignore[arg-type]
+
+    def start(*a: object) -> None:
+        events.append("start")
+        real_start(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kdf, "_derive", derive)
+    monkeypatch.setattr(kdf, "start", start)
+    mod = importlib.import_module(f"snapferry.cli.cmd_{command}")
+    real_run = mod.run
+
+    def run(args: object) -> int:
+        events.append("command")
+        return int(real_run(args))
+
+    monkeypatch.setattr(mod, "run", run)  # the parser is built per call: it takes this one
+    extra = {"restore": ["no-such-point", "--to", str(tmp_path / "out.raw")],
+             "verify": [], "list": [], "info": []}[command]
+    code = cli_main.main([command, *extra, "--repo", str(root), "--json"])
+    assert code == (1 if command == "restore" else 0), capsys.readouterr()
+    assert events[0] == "start" and "command" in events, events
+    assert [e for e in events if e.startswith("derive")] == ["derive in snapferry-kdf"]
+    assert started() == 0
