@@ -70,12 +70,7 @@ def load() -> tuple[Any, Any]:
         return _ffi, _lib
     with _lock:
         if _lib is None:
-            try:
-                import cffi
-            except ImportError as e:  # pragma: no cover - cffi is a dependency
-                raise SourceError(f"the cffi package is missing: {e}") from None
-            ffi = cffi.FFI()
-            ffi.cdef(C.CDEF)
+            ffi = _prebuilt_ffi() or _parsed_ffi()
             try:
                 lib = ffi.dlopen(C.SONAME)
             except OSError as e:
@@ -89,6 +84,29 @@ def load() -> tuple[Any, Any]:
             _ffi = ffi
             _lib = lib
     return _ffi, _lib
+
+
+def _prebuilt_ffi() -> Any:
+    """The declarations parsed at install (``native/ffi_build.py``), or None when that
+    module is missing, unloadable or made from other declarations than today's."""
+    import importlib
+
+    try:
+        pre = importlib.import_module("snapferry.native._libnbd_ffi")
+        from snapferry.native.ffi_build import cdef_digest
+    except Exception:  # missing, or written by another cffi version
+        return None
+    return pre.ffi if getattr(pre, "CDEF_SHA256", None) == cdef_digest() else None
+
+
+def _parsed_ffi() -> Any:
+    try:
+        import cffi
+    except ImportError as e:  # pragma: no cover - cffi is a dependency
+        raise SourceError(f"the cffi package is missing: {e}") from None
+    ffi = cffi.FFI()
+    ffi.cdef(C.CDEF)
+    return ffi
 
 
 def available() -> bool:

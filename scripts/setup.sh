@@ -63,4 +63,6 @@ fi
 # The editable install runs snapferry from this tree: compile it here, so that no
 # command (nor any reader-pool worker it spawns) compiles every module from source
 # where PYTHONDONTWRITEBYTECODE is set (~0.2 s a process). Up-to-date files are skipped.
+# libnbd's declarations parsed once here, not at every start (native/ffi_build.py).
+.venv/bin/python -m snapferry.native.ffi_build >/dev/null
 .venv/bin/python -m compileall -q -j 0 pkgroot engine native cli lab >/dev/null

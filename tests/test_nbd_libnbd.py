@@ -113,3 +113,33 @@ def test_failure_with_requests_in_flight_drops_the_connection(servers: NbdServer
         # Other requests were still in flight into the buffer: the handle is closed so
         # that no late reply can land there.
         assert h.closed
+
+
+def test_declarations_parsed_at_setup_are_used_when_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/setup.sh writes native/_libnbd_ffi.py (the declarations pre-parsed):
+    loading libnbd then imports neither cffi's parser nor pycparser; a file made from
+    other declarations is not used (parsed as before)."""
+    import subprocess
+    import sys
+
+    from snapferry.native import ffi_build
+
+    made = ffi_build.build(tmp_path)
+    assert f'CDEF_SHA256 = "{ffi_build.cdef_digest()}"' in made.read_text()
+    if not (Path(libnbd.__file__).parent / "_libnbd_ffi.py").exists():
+        pytest.skip("native/_libnbd_ffi.py is not built (run scripts/setup.sh)")
+    probe = ("import sys; from snapferry.native import libnbd; libnbd.load(); "
+             "print(sorted(m for m in ('pycparser', 'cffi.cparser') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+    assert libnbd._prebuilt_ffi() is not None
+    monkeypatch.setattr(ffi_build, "cdef_digest", lambda: "0" * 64)  # stale file
+    assert libnbd._prebuilt_ffi() is None
+    ffi = libnbd._parsed_ffi()
+    lib = ffi.dlopen("libnbd.so.0")
+    h = lib.nbd_create()  # the declarations parsed here drive the real library
+    assert h != ffi.NULL
+    lib.nbd_close(h)
