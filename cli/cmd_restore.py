@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="write even though a running process holds the target open "
                         "(its later writes are lost)")
     p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
-                   help="decode threads (default: 0, one per CPU up to 8)")
+                   help="decode and write threads (default: 0: four per CPU up to 16 with "
+                        "direct I/O, else one per CPU up to 8)")
     p.set_defaults(func=run)
 
 

@@ -200,7 +200,6 @@ def _restore_device(
     manifest = repo.load_manifest(backup_id)
     name = pick_disk(manifest, disk)
     src, index = open_source(repo, backup_id, name, manifest)
-    nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
     try:
         fd = os.open(device, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
@@ -220,7 +219,7 @@ def _restore_device(
         for ext in src.extents():  # page by page: memory does not grow with the disk
             if ext.zero:
                 _zero_range(fd, ext.offset, ext.length)
-        unique, written = copy_into(src, fd, nworkers, progress)
+        copied = copy_into(src, fd, workers, progress, device)
         os.fsync(fd)
     except OSError as e:
         raise SnapferryError(f"cannot write block device {device}: {e.strerror or e}") from None
@@ -238,10 +237,11 @@ def _restore_device(
         virtual_size=index.virtual_size,
         chunks=len(index),
         zero_chunks=index.zero_count(),
-        unique_chunks=unique,
-        bytes_written=written,
+        unique_chunks=copied.unique_chunks,
+        bytes_written=copied.bytes_written,
         seconds=round(time.monotonic() - t0, 4),
-        workers=nworkers,
+        workers=copied.workers,
+        direct_io=copied.direct_io,
     )
 
 

@@ -56,6 +56,10 @@ STREAMS = 8
 """Sequential streams followed at once (nbdcopy's connections each read their own)."""
 TASK_BYTES = 2 << 20
 """Raw bytes decoded by one pool task (two threads share a read-ahead window)."""
+COPY_TASK_BYTES = 8 << 20
+"""Raw bytes of one ``copy_to`` task, and of each thread's write buffer: disk-adjacent
+chunks of a task go out in one write (restore of the issue-sized image, 8 threads:
+1.6 MiB per write on average and 3.8-4.0 s, against 1.1 MiB and 4.3 s with 2 MiB)."""
 COPY_WINDOW_PAGES = 16
 """Index pages ``copy_to`` plans at once: a chunk used in two windows is read twice."""
 DISK_ORDER = True
@@ -111,6 +115,7 @@ class _Stream:
 class CopyResult:
     unique_chunks: int  # distinct chunks decoded (per window)
     bytes_written: int
+    direct: bool = False  # written with O_DIRECT to the end
 
 
 class RestorePointSource:
@@ -574,14 +579,22 @@ class RestorePointSource:
         *,
         workers: int = 0,
         advance: Callable[[int], None] | None = None,
+        direct_fd: int | None = None,
     ) -> CopyResult:
         """Write every data chunk into ``fd`` at its offset (zero chunks are skipped:
         the caller's file is sparse there, or was zeroed). Each window's distinct
         chunks are read once, in pack order, and written at every offset that uses
-        them, by ``workers`` threads. ``advance(n)`` runs in the calling thread.
-        Raises ``CorruptionError`` (the first bad chunk met) or ``OSError``."""
+        them, by ``workers`` threads; a task's disk-adjacent chunks are decoded side by
+        side and written with one call (``engine/direct_write.py``), through ``direct_fd``
+        (the same file opened with ``O_DIRECT``) when given. ``advance(n)`` runs in
+        the calling thread. Raises ``CorruptionError`` (the first bad chunk met) or
+        ``OSError``."""
+        from snapferry.engine.direct_write import DirectTarget, TaskBuffer
+
         nworkers = workers if workers > 0 else min(os.cpu_count() or 1, 8)
         cs, vsize = self._cs, self._size
+        target = DirectTarget(fd, direct_fd)
+        slots = max(1, COPY_TASK_BYTES // cs)
         reader = self._reader
         unique = 0
         written = 0
@@ -604,7 +617,10 @@ class RestorePointSource:
                 rows = reader.rows_for(uids)
                 batch: list[tuple[Run, list[bytes], list[np.ndarray]]] = []
                 size = 0
-                runs = reader.plan_runs(rows)
+                # runs of blobs that also follow one another on the disk: a run of
+                # an incremental's pack (changed chunks, far apart) would otherwise
+                # make each of them a write of its own, away from its neighbours
+                runs = reader.plan_runs(rows, max_blobs=slots, places=nz[first])
                 if DISK_ORDER:
                     # runs by where on the disk they land first (u is sorted by id, so
                     # ``first`` is each id's first use): the target is written roughly
@@ -612,13 +628,13 @@ class RestorePointSource:
                     at = first.tolist()
                     runs.sort(key=lambda r: min(at[j] for j in r.items))
                 runs += [_missing_run(j) for j in np.flatnonzero(rows < 0).tolist()]
-                for run in runs:
-                    batch.append((run, [cids[j] for j in run.items],
-                                  [positions[starts[j] : starts[j] + cl[j]] for j in run.items]))
-                    size += len(run.items) * cs
-                    if size >= TASK_BYTES:
+                for run in runs:  # a task holds at most ``slots`` chunks
+                    if batch and size + len(run.items) > slots:
                         yield batch
                         batch, size = [], 0
+                    batch.append((run, [cids[j] for j in run.items],
+                                  [positions[starts[j] : starts[j] + cl[j]] for j in run.items]))
+                    size += len(run.items)
                 if batch:
                     yield batch
 
@@ -628,20 +644,34 @@ class RestorePointSource:
             sc = getattr(local, "scratch", None)
             if sc is None:
                 sc = local.scratch = Scratch(cs)
+                local.buf = TaskBuffer(cs, slots)
+            buf: TaskBuffer = local.buf
+            views = buf.views
+            # slots in the order of each chunk's first offset on the disk
+            firsts = [int(pos[0]) for _run, _cids, poss in items for pos in poss]
+            order = sorted(range(len(firsts)), key=firsts.__getitem__)
+            slot_of = [0] * len(firsts)
+            for rank, i in enumerate(order):
+                slot_of[i] = rank
+            filled = [False] * len(firsts)
             n = 0
+            i = -1
             for run, cids, poss in items:
                 datas = (reader.iter_run(run, cids, sc) if run.pack >= 0
                          else iter([_read_one(reader, cids[0])]))
-                for cid, pos, data in zip(cids, poss, datas, strict=True):
+                for cid, pos in zip(cids, poss, strict=True):
+                    i += 1
+                    at = pos.tolist()
+                    slot = sc.raw = views[slot_of[i]]  # the decoder writes the chunk there
+                    data = next(datas)
                     if isinstance(data, CorruptionError):
-                        i = int(pos[0])
                         raise CorruptionError(
-                            f"{self._name}: chunk #{i} (offset {i * cs}, id {cid.hex()}) is "
-                            f"unreadable: {data}"
+                            f"{self._name}: chunk #{at[0]} (offset {at[0] * cs}, id "
+                            f"{cid.hex()}) is unreadable: {data}"
                         )
                     mv = memoryview(data)
                     have = mv.nbytes
-                    for p in pos.tolist():
+                    for p in at:
                         off = p * cs
                         want = min(cs, vsize - off)
                         if have != want and not (have > want and off + cs >= vsize):
@@ -649,12 +679,20 @@ class RestorePointSource:
                                 f"{self._name}: chunk #{p} (offset {off}, id {cid.hex()}) "
                                 f"is {have} bytes, expected {want}"
                             )
-                        b = mv[:want]
-                        while b:
-                            k = os.pwrite(fd, b, off)
-                            b = b[k:]
-                            off += k
+                    if have == cs and at[0] * cs + cs <= vsize:
+                        if not buf.holds(mv):
+                            slot[:] = mv  # not decoded in place (a raw blob, a retry)
+                        filled[slot_of[i]] = True
+                        for p in at[1:]:  # the chunk's other offsets, from its slot
+                            target.write(slot, p * cs)
+                        n += cs * len(at)
+                        continue
+                    for p in at:  # the disk's last, partial chunk
+                        off = p * cs
+                        want = min(cs, vsize - off)
+                        target.write(mv[:want], off)
                         n += want
+            buf.write_out(target, sorted(firsts), filled)
             return n
 
         def done(n: int) -> None:
@@ -666,7 +704,7 @@ class RestorePointSource:
         if nworkers <= 1:
             for t in tasks():
                 done(write(t))
-            return CopyResult(unique, written)
+            return CopyResult(unique, written, target.is_direct)
         with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="restore") as pool:
             pending: deque[Future[int]] = deque()
             limit = nworkers * _IN_FLIGHT_PER_WORKER
@@ -680,7 +718,7 @@ class RestorePointSource:
             finally:
                 for f in pending:
                     f.cancel()
-        return CopyResult(unique, written)
+        return CopyResult(unique, written, target.is_direct)
 
 
 def _missing_run(j: int) -> Run:

@@ -191,7 +191,8 @@ class Scratch:
 
     def __init__(self, chunk_size: int) -> None:
         self.plain = bytearray(chunk_size + 64)  # a sealed raw blob: the chunk + AEAD
-        self.raw = bytearray(chunk_size)
+        # where the next zstd blob decodes to (restore points it at a write buffer's slot)
+        self.raw: bytearray | memoryview = bytearray(chunk_size)
 
 
 Decoded = bytes | memoryview | CorruptionError
@@ -246,10 +247,14 @@ class ChunkReader:
         return self.index.locations_for(ids)
 
     def plan_runs(
-        self, rows: np.ndarray, *, gap: int | None = None, most: int | None = None
+        self, rows: np.ndarray, *, gap: int | None = None, most: int | None = None,
+        max_blobs: int = 0, places: np.ndarray | None = None,
     ) -> list[Run]:
         """Runs covering every row ``>= 0`` of ``rows`` (pack order, then offset);
-        ``gap``/``most`` default to ``RUN_GAP``/``RUN_MAX``."""
+        ``gap``/``most`` default to ``RUN_GAP``/``RUN_MAX``; with ``max_blobs`` no run
+        holds more blobs than that; with ``places`` (a number per request position,
+        e.g. where its chunk lands on the disk) a run holds only blobs whose places
+        follow one another (``p, p + 1, ...``)."""
         gap = RUN_GAP if gap is None else gap
         most = RUN_MAX if most is None else most
         items = np.flatnonzero(rows >= 0)
@@ -266,11 +271,13 @@ class ChunkReader:
         ) + 1
         bounds = [0, *brk.tolist(), len(items)]
         rl, il, ol, el, pl = r.tolist(), items.tolist(), off.tolist(), end.tolist(), pack.tolist()
+        at = places[items].tolist() if places is not None else None
         out: list[Run] = []
         for a, b in itertools.pairwise(bounds):
             s = a
             for k in range(a + 1, b + 1):  # cut a long segment at ``most`` bytes
-                if k == b or el[k] - ol[s] > most:
+                if (k == b or el[k] - ol[s] > most or k - s == max_blobs
+                        or (at is not None and at[k] != at[k - 1] + 1)):
                     out.append(Run(pl[s], ol[s], max(el[s:k]), rl[s:k], il[s:k]))
                     s = k
         return out
