@@ -119,6 +119,7 @@ def test_block_device_target(repo: Path, mixed_image: Path, tmp_path: Path) -> N
         assert p.returncode == 0, p.stderr
         doc = json.loads(p.stdout)
         assert doc["format"] == "raw" and doc["disk"]["virtual_size"] == size
+        assert doc["direct_io"] is True, "a block device is written with O_DIRECT"
         with open(dev, "rb") as f:
             got = f.read(size + len(tail))
     assert got[:size] == mixed_image.read_bytes()

@@ -134,8 +134,18 @@ def test_task_buffer_joins_adjacent_chunks_only(tmp_path: Path) -> None:
     assert isinstance(b.buf, mmap.mmap)
 
 
-def test_tmpfs_stays_buffered() -> None:
+def test_tmpfs_stays_buffered(repo: Repository, tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or fs_type(shm) != TMPFS_MAGIC:
         pytest.skip("no tmpfs at /dev/shm")
     assert not direct_suits(shm)
+    img = tmp_path / "d.img"
+    _dedup_image(img)
+    m = backup_image(repo, {"sda": img})
+    out = shm / f"snapferry-test-{os.getpid()}.raw"
+    try:
+        res = restore(repo, m.backup_id, to=out, workers=2)
+        assert not res.direct_io
+        assert out.read_bytes() == img.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
