@@ -34,6 +34,8 @@ from typing import Any
 
 ALIGN = 4096
 """Offsets, lengths and buffer addresses of a direct write are multiples of this."""
+IOV_MAX = 1024
+"""Buffers of one ``pwritev`` at most (Linux's ``UIO_MAXIOV``)."""
 DIRECT_IO_ENV = "SNAPFERRY_DIRECT_IO"
 """``0``: restores write through the page cache (to keep the image cached, or to compare)."""
 
@@ -132,6 +134,30 @@ class DirectTarget:
             data = data[k:]
             offset += k
 
+    def writev(self, bufs: list[memoryview], offset: int) -> None:
+        """``write`` of the buffers one after the other from ``offset``, with one
+        ``pwritev`` where it can (direct, every length whole ``ALIGN`` blocks)."""
+        if len(bufs) == 1:
+            self.write(bufs[0], offset)
+            return
+        direct = self.direct
+        done = 0
+        if direct is not None and not offset % ALIGN and not any(b.nbytes % ALIGN for b in bufs):
+            try:
+                done = os.pwritev(direct, bufs, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = None
+        for b in bufs:  # what one call did not write (none of it when not direct)
+            n = b.nbytes
+            if done < n:
+                self.write(b[done:], offset + done)
+                done = 0
+            else:
+                done -= n
+            offset += n
+
 
 class TaskBuffer:
     """One thread's page-aligned buffer of ``slots`` chunk-sized slots for one task.
@@ -154,20 +180,34 @@ class TaskBuffer:
         """True when ``data`` is a view into this buffer (the decoder wrote it there)."""
         return data.obj is self.buf
 
-    def write_out(self, target: DirectTarget, chunks: list[int], filled: list[bool]) -> int:
+    def write_out(self, target: DirectTarget, chunks: list[int], filled: list[bool],
+                  extra: list[tuple[int, int]] | None = None) -> int:
         """Write slot ``i`` at chunk number ``chunks[i]`` (ascending) for every ``i``
-        with ``filled[i]``, each stretch of consecutive chunk numbers with one call.
-        Returns the number of writes."""
-        cs, n, writes = self.cs, len(chunks), 0
-        i = 0
-        while i < n:
-            if not filled[i]:
-                i += 1
-                continue
-            j = i + 1
-            while j < n and filled[j] and chunks[j] == chunks[j - 1] + 1:
-                j += 1
-            target.write(memoryview(self.buf)[i * cs : j * cs], chunks[i] * cs)
+        with ``filled[i]``, and slot ``s`` at chunk number ``c`` for every ``(c, s)`` of
+        ``extra`` (a chunk's other places on the disk), each stretch of consecutive
+        chunk numbers with one call (``pwritev`` when its slots are not side by side).
+        Returns the number of calls."""
+        cs = self.cs
+        places = [(c, i) for i, c in enumerate(chunks) if filled[i]]
+        if extra:
+            places += extra
+            places.sort()
+        writes = 0
+        k, n = 0, len(places)
+        while k < n:
+            first = places[k][0]
+            # (first slot, slots) pieces of this stretch: side-by-side slots joined
+            pieces: list[list[int]] = [[places[k][1], 1]]
+            k += 1
+            while (k < n and places[k][0] == places[k - 1][0] + 1
+                   and len(pieces) < IOV_MAX):
+                s = places[k][1]
+                if s == pieces[-1][0] + pieces[-1][1]:
+                    pieces[-1][1] += 1
+                else:
+                    pieces.append([s, 1])
+                k += 1
+            mv = memoryview(self.buf)
+            target.writev([mv[s * cs : (s + m) * cs] for s, m in pieces], first * cs)
             writes += 1
-            i = j
         return writes

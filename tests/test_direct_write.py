@@ -149,3 +149,53 @@ def test_tmpfs_stays_buffered(repo: Repository, tmp_path: Path) -> None:
         assert out.read_bytes() == img.read_bytes()
     finally:
         out.unlink(missing_ok=True)
+
+
+def test_a_shrunk_disk_with_repeats_ends_where_the_disk_ends(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """Repeats of one chunk (joined writes from one slot) and a tail cut by a shrink:
+    nothing is written past the disk's end."""
+    rng = random.Random(11)
+    a = rng.randbytes(CS)
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        for i in range(8):
+            f.write(a if i in (0, 3, 4, 7) else rng.randbytes(CS))
+    full = backup_image(repo, {"sda": img})
+    with open(img, "r+b") as f:
+        f.truncate(7 * CS + 1000)  # chunk 7 (a copy of chunk 0) now ends inside it
+    shrunk = backup_image(repo, {"sda": img}, parent=full, changed={"sda": []})
+    out = tmp_path / "out.raw"
+    res = restore(repo, shrunk.backup_id, to=out, workers=2)
+    assert out.stat().st_size == 7 * CS + 1000
+    assert out.read_bytes() == img.read_bytes()
+    assert res.bytes_written == 7 * CS + 1000
+
+
+def test_pwritev_joins_a_chunk_repeated_side_by_side(tmp_path: Path) -> None:
+    p = tmp_path / "t.raw"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    direct = open_direct(p)
+    try:
+        os.ftruncate(fd, 8 * CS)
+        calls: list[int] = []
+
+        class Counting(DirectTarget):
+            def writev(self, bufs: list[memoryview], offset: int) -> None:
+                calls.append(len(bufs))
+                super().writev(bufs, offset)
+
+        b = TaskBuffer(CS, 2)
+        b.views[0][:] = b"x" * CS
+        b.views[1][:] = b"y" * CS
+        # slot 0 at chunks 1 and 3..5, slot 1 at chunk 2: one stretch, 1..5
+        writes = b.write_out(Counting(fd, direct), [1, 2], [True, True],
+                             [(3, 0), (4, 0), (5, 0)])
+        assert writes == 1 and calls == [4]  # [x][y][x][x][x]: slots 0-1 joined, then 0, 0, 0
+        want = bytes(CS) + b"x" * CS + b"y" * CS + b"x" * CS * 3 + bytes(2 * CS)
+        assert os.pread(fd, 8 * CS, 0) == want
+    finally:
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)

@@ -654,6 +654,7 @@ class RestorePointSource:
             for rank, i in enumerate(order):
                 slot_of[i] = rank
             filled = [False] * len(firsts)
+            extra: list[tuple[int, int]] = []
             n = 0
             i = -1
             for run, cids, poss in items:
@@ -683,16 +684,21 @@ class RestorePointSource:
                         if not buf.holds(mv):
                             slot[:] = mv  # not decoded in place (a raw blob, a retry)
                         filled[slot_of[i]] = True
-                        for p in at[1:]:  # the chunk's other offsets, from its slot
-                            target.write(slot, p * cs)
-                        n += cs * len(at)
+                        for p in at[1:]:  # the chunk's other offsets: from its slot too
+                            if p * cs + cs <= vsize:
+                                extra.append((p, slot_of[i]))
+                                n += cs
+                            else:  # the disk's last, partial chunk (a shrunk disk's)
+                                target.write(slot[: vsize - p * cs], p * cs)
+                                n += vsize - p * cs
+                        n += cs
                         continue
                     for p in at:  # the disk's last, partial chunk
                         off = p * cs
                         want = min(cs, vsize - off)
                         target.write(mv[:want], off)
                         n += want
-            buf.write_out(target, sorted(firsts), filled)
+            buf.write_out(target, sorted(firsts), filled, extra)
             return n
 
         def done(n: int) -> None:
