@@ -191,7 +191,8 @@ def test_restore_with_frequent_writeback_is_identical(
             assert self.fn is not None, "sync_file_range is available on Linux"
 
     monkeypatch.setattr(restore_mod, "WRITEBACK_EVERY", 1)
-    monkeypatch.setattr(restore_point_mod, "TASK_BYTES", 1)  # one run per task
+    monkeypatch.setenv("SNAPFERRY_DIRECT_IO", "0")  # the page-cache path, where write-out runs
+    monkeypatch.setattr(restore_point_mod, "COPY_TASK_BYTES", 1)  # one chunk per task
     monkeypatch.setattr(chunks_mod, "RUN_MAX", 1)  # one blob per run
     monkeypatch.setattr(restore_mod._Writeback, "wrote", counting)
     out = tmp_path / "out.raw"
